@@ -1,0 +1,115 @@
+"""Training configuration: one dataclass, paper defaults (ALGORITHM.md §6.1), YAML overrides.
+
+Iteration-based constants (densification window, LR decay length, validation interval) are plain
+numbers so a short CPU run can shrink them together; `config/config.yaml` holds the CPU demo values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mgs.errors import InputError
+
+
+@dataclass
+class TrainConfig:
+    # representation (Scaffold-GS)
+    feat_dim: int = 32
+    n_offsets: int = 10
+    voxel_size: float = 0.0001  # anchor snapping grid, scene units; 0 = keep every SfM point
+    max_init_anchors: int = 0  # 0 = no limit; else subsample the voxelised points (CPU demos)
+    # schedule
+    iterations: int = 60_000
+    lr_max_steps: int = 30_000  # log-linear decays end here, then hold
+    seed: int = 0
+    resolution: int = 1  # image downsampling factor (bicubic cache)
+    # learning rates
+    offset_lr_init: float = 0.01
+    offset_lr_final: float = 0.0001
+    feature_lr: float = 0.0075
+    scaling_lr: float = 0.007
+    mlp_opacity_lr_init: float = 0.002
+    mlp_opacity_lr_final: float = 0.00002
+    mlp_cov_lr_init: float = 0.004
+    mlp_cov_lr_final: float = 0.004
+    mlp_color_lr_init: float = 0.008
+    mlp_color_lr_final: float = 0.00005
+    # loss
+    lambda_dssim: float = 0.2
+    scale_reg_weight: float = 0.01
+    # anchor growing / pruning (§2.4)
+    start_stat: int = 500
+    update_from: int = 300
+    update_interval: int = 25
+    update_until: int = 30_000
+    min_opacity: float = 0.005
+    success_threshold: float = 0.8
+    densify_grad_threshold: float = 0.0002
+    update_depth: int = 3
+    update_init_factor: int = 128
+    update_hierarchy_factor: int = 4
+    max_scale_log: float = 0.05  # clamp of the base-scale log values at each adjustment
+    # validation and checkpoints
+    eval_interval: int = 1000
+    checkpoint_interval: int = 5000
+    # compute
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    backend: str = "auto"  # auto | torch | gsplat
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    background: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    # keys that change the shape or meaning of a checkpoint: resuming across them is refused
+    SHAPE_KEYS = ("feat_dim", "n_offsets", "voxel_size", "max_init_anchors", "seed", "resolution",
+                  "iterations", "lr_max_steps")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown training key(s) {', '.join(unknown)}; "
+                             f"known keys are: {', '.join(sorted(known))}")
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        positive = ("feat_dim", "n_offsets", "iterations", "lr_max_steps", "resolution",
+                    "update_interval", "eval_interval", "checkpoint_interval")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise InputError(f"{source}: '{key}' must be > 0 (got {getattr(self, key)})")
+        if self.backend not in ("auto", "torch", "gsplat"):
+            raise InputError(f"{source}: 'backend' must be auto, torch or gsplat (got {self.backend!r})")
+        if len(self.background) != 3:
+            raise InputError(f"{source}: 'background' must be 3 numbers (RGB in [0,1])")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def shape_hash(self) -> str:
+        """Hash of the keys that shape a checkpoint (a mismatch means 'not this run')."""
+        shaped = {key: getattr(self, key) for key in self.SHAPE_KEYS}
+        return hashlib.sha256(json.dumps(shaped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def yaml_section(path: str | Path, section: str) -> dict[str, Any]:
+    """The mapping under `section` of a YAML file (empty when the section is absent)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise InputError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"config file {path} is not valid YAML: {exc}") from exc
+    values = data.get(section, {}) if isinstance(data, dict) else None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: '{section}' must be a mapping of keys")
+    return dict(values)
