@@ -1,0 +1,162 @@
+"""The `mgs` command: one verb per workflow stage.
+
+Every verb is a thin wrapper around a library function; user errors (MgsError) print one clear
+message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from mgs.config import yaml_section
+from mgs.errors import MgsError
+
+log = logging.getLogger("mgs")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        datefmt="[%X]", handlers=[RichHandler(show_path=False, markup=False)])
+
+
+def _add_synth(sub) -> None:
+    from mgs.synthetic import SyntheticConfig
+
+    p = sub.add_parser("synth", help="render the embedded synthetic aerial city as a scene folder")
+    p.add_argument("out", help="scene folder to write (images/, sparse/0/, scene.json)")
+    p.add_argument("--config", help="YAML file; keys under 'synthetic:' override the defaults")
+    for f in dataclasses.fields(SyntheticConfig):
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
+            type(f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                       help=f"(default {f.default})")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args) -> None:
+    from mgs.synthetic import SyntheticConfig, make_synthetic_scene
+
+    values = yaml_section(args.config, "synthetic") if args.config else {}
+    names = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise MgsError(f"{args.config}: unknown synthetic key(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(sorted(names))}")
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    scene = make_synthetic_scene(args.out, SyntheticConfig(**values))
+    log.info("wrote %s: %d views (%d test), %d points", args.out, len(scene.cameras),
+             len(scene.test_names), len(scene.points_xyz))
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one model on a whole scene (single block)")
+    p.add_argument("--scene", required=True, help="scene folder (scene.json, sparse/0, images)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, history.tsv, summary.json)")
+    p.add_argument("--config", help="YAML file; keys under 'train:' override the paper defaults")
+    p.add_argument("--iterations", type=int, help="override the number of training steps")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (same result as an uninterrupted run)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> None:
+    from mgs.config import TrainConfig
+    from mgs.train import train_scene
+
+    values = yaml_section(args.config, "train") if args.config else {}
+    if args.iterations is not None:
+        values["iterations"] = args.iterations
+    if args.device is not None:
+        values["device"] = args.device
+    config = TrainConfig.from_dict(values, source=args.config or "command line")
+    summary = train_scene(args.scene, args.out, config, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+
+
+def _add_sfm(sub) -> None:
+    p = sub.add_parser("sfm", help="structure from motion on a folder of photos (pycolmap), "
+                                   "written as an oriented, undistorted scene folder")
+    p.add_argument("image_dir", help="folder of photos (sub-folders included)")
+    p.add_argument("out", help="scene folder to write (images/, sparse/0/, sfm.json, scene.json)")
+    p.add_argument("--matching", choices=("exhaustive", "sequential", "spatial"),
+                   default="exhaustive", help="image pairs to match; spatial uses EXIF GPS")
+    p.add_argument("--min-registered", type=float, default=0.8,
+                   help="fail if fewer than this fraction of images register (default 0.8)")
+    p.add_argument("--max-image-size", type=int, default=3200,
+                   help="longest side for feature extraction, -1 = full size (default 3200)")
+    p.add_argument("--max-features", type=int, default=8192,
+                   help="SIFT features per image (default 8192)")
+    p.add_argument("--threads", type=int, default=-1, help="CPU threads (default all)")
+    p.set_defaults(func=_run_sfm)
+
+
+def _run_sfm(args) -> None:
+    from mgs.sfm import SfmConfig, run_sfm
+
+    config = SfmConfig(matching=args.matching, min_registered=args.min_registered,
+                       max_image_size=args.max_image_size, max_features=args.max_features,
+                       threads=args.threads)
+    scene = run_sfm(args.image_dir, args.out, config)
+    log.info("wrote %s: %d cameras (%d test), %d points", args.out, len(scene.cameras),
+             len(scene.test_names), len(scene.points_xyz))
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser("ingest", help="convert a paper dataset layout or a COLMAP model into a "
+                                      "scene folder (images downsampled once)")
+    p.add_argument("dataset", choices=("mill19", "urbanscene3d", "matrixcity", "colmap"))
+    p.add_argument("src", help="dataset folder, e.g. data/mill19/rubble-pixsfm")
+    p.add_argument("out", help="scene folder to write")
+    p.add_argument("--factor", type=int, default=None,
+                   help="downsampling factor (default 4 for mill19/urbanscene3d, 1 for colmap)")
+    p.add_argument("--width", type=int, default=None,
+                   help="MatrixCity: resize to this width (default 1600)")
+    p.add_argument("--up", default=None,
+                   help="up axis: auto (from the cameras), x|y|z (sign from the cameras), "
+                        "+x … -z; default y for mill19/urbanscene3d, z for matrixcity, else auto")
+    p.set_defaults(func=_run_ingest)
+
+
+def _run_ingest(args) -> None:
+    from mgs.datasets import ingest
+
+    scene = ingest(args.dataset, args.src, args.out, factor=args.factor, width=args.width,
+                   up=args.up)
+    log.info("wrote %s: %d train / %d test cameras, %d points", args.out,
+             len(scene.train_names), len(scene.test_names), len(scene.points_xyz))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mgs", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _add_synth(sub)
+    _add_train(sub)
+    _add_sfm(sub)
+    _add_ingest(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except MgsError as exc:
+        print(f"mgs {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mgs {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

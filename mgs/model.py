@@ -1,0 +1,170 @@
+"""Scaffold-GS representation: block-local anchors and the shared MLP Gaussian decoder.
+
+An anchor holds a fixed position, a feature vector, k learnable offsets and a 6-d log scaling
+(dims 0-2 scale the offsets, dims 3-5 are the base scale of its Gaussians). The decoder turns
+[feature, view direction] into k neural Gaussians per anchor (ALGORITHM.md §2.1-2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mgs.render import project
+
+INIT_OPACITY = 0.1
+
+
+class Decoder(nn.Module):
+    """Three two-layer MLPs (35 -> 32 -> out) shared by every block: opacity, covariance, colour."""
+
+    def __init__(self, feat_dim: int = 32, n_offsets: int = 10, hidden: int = 32):
+        super().__init__()
+        in_dim = feat_dim + 3
+        self.n_offsets = n_offsets
+        self.opacity_mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
+                                         nn.Linear(hidden, n_offsets), nn.Tanh())
+        self.cov_mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, 7 * n_offsets))
+        self.color_mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
+                                       nn.Linear(hidden, 3 * n_offsets), nn.Sigmoid())
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.opacity_mlp(z), self.cov_mlp(z), self.color_mlp(z)
+
+
+class Anchors(nn.Module):
+    """Block-local anchor parameters. Positions are fixed; rotation/opacity exist only for the PLY."""
+
+    def __init__(self, xyz: torch.Tensor, features: torch.Tensor, offsets: torch.Tensor,
+                 scaling: torch.Tensor):
+        super().__init__()
+        self.register_buffer("xyz", xyz)
+        self.features = nn.Parameter(features)
+        self.offsets = nn.Parameter(offsets)
+        self.scaling = nn.Parameter(scaling)
+
+    @classmethod
+    def from_points(cls, points: np.ndarray, feat_dim: int, n_offsets: int,
+                    voxel_size: float) -> "Anchors":
+        xyz = torch.as_tensor(voxelize(points, voxel_size), dtype=torch.float32)
+        n = xyz.shape[0]
+        log_scale = torch.log(torch.sqrt(mean_knn_sq_distance(xyz, k=3)).clamp_min(1e-7))
+        return cls(xyz,
+                   torch.zeros(n, feat_dim),
+                   torch.zeros(n, n_offsets, 3),
+                   log_scale[:, None].repeat(1, 6))
+
+    @property
+    def count(self) -> int:
+        return self.xyz.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"xyz": self.xyz.detach().clone(), "features": self.features.detach().clone(),
+                "offsets": self.offsets.detach().clone(), "scaling": self.scaling.detach().clone()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Anchors":
+        return cls(tensors["xyz"], tensors["features"], tensors["offsets"], tensors["scaling"])
+
+
+def voxelize(points: np.ndarray, voxel_size: float) -> np.ndarray:
+    """Snap points to a grid and keep one per occupied cell (positions at cell corners, as 3DGS-style
+    Scaffold init does); voxel_size 0 keeps the points unchanged."""
+    points = np.asarray(points, dtype=np.float64)
+    if voxel_size <= 0:
+        return points
+    cells = np.unique(np.round(points / voxel_size).astype(np.int64), axis=0)
+    return cells * voxel_size
+
+
+def mean_knn_sq_distance(xyz: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
+    """Mean squared distance of each point to its k nearest neighbours (simple-knn's distCUDA2)."""
+    n = xyz.shape[0]
+    if n <= 1:
+        return torch.full((n,), 1e-4)
+    k = min(k, n - 1)
+    out = torch.empty(n)
+    for start in range(0, n, chunk):
+        d = torch.cdist(xyz[start:start + chunk], xyz).pow(2)
+        nearest = d.topk(k + 1, dim=1, largest=False).values[:, 1:]  # drop self
+        out[start:start + chunk] = nearest.mean(1)
+    return out.clamp_min(1e-14)
+
+
+def visible_anchor_mask(anchors: Anchors, viewmat: torch.Tensor, K: torch.Tensor,
+                        width: int, height: int) -> torch.Tensor:
+    """Frustum culling: anchors whose offset-extent footprint projects onto the image."""
+    with torch.no_grad():
+        quats = torch.zeros(anchors.count, 4, device=anchors.xyz.device)
+        quats[:, 0] = 1.0
+        radii, *_ = project(anchors.xyz, quats, torch.exp(anchors.scaling[:, :3]),
+                            viewmat, K, width, height)
+    return radii > 0
+
+
+@dataclass
+class DecodedAttributes:
+    """Per neural Gaussian (visible anchors × k, flattened), before the α > 0 selection."""
+    opacity: torch.Tensor  # raw tanh output, (M,)
+    color: torch.Tensor  # (M, 3)
+    quat: torch.Tensor  # normalised wxyz, (M, 4)
+    scale: torch.Tensor  # linear, (M, 3)
+
+
+def decode_attributes(decoder: Decoder, anchors: Anchors, visible: torch.Tensor,
+                      camera_center: torch.Tensor) -> DecodedAttributes:
+    """Apply the decoder to the visible anchors' [feature, unit view direction] inputs."""
+    k = decoder.n_offsets
+    xyz = anchors.xyz[visible]
+    view_dir = xyz - camera_center
+    view_dir = view_dir / view_dir.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    z = torch.cat([anchors.features[visible], view_dir], dim=1)
+    opacity, cov, color = decoder(z)
+    base_scale = torch.exp(anchors.scaling[visible, 3:]).repeat_interleave(k, dim=0)
+    cov = cov.reshape(-1, 7)
+    return DecodedAttributes(
+        opacity=opacity.reshape(-1),
+        color=color.reshape(-1, 3),
+        quat=nn.functional.normalize(cov[:, 3:7], dim=1),
+        scale=base_scale * torch.sigmoid(cov[:, :3]),
+    )
+
+
+@dataclass
+class NeuralGaussians:
+    means: torch.Tensor
+    quats: torch.Tensor
+    scales: torch.Tensor
+    opacities: torch.Tensor
+    colors: torch.Tensor
+    selected: torch.Tensor  # bool over visible anchors × k: which neural Gaussians are rendered
+    visible: torch.Tensor  # bool over all anchors
+
+
+def neural_gaussians(anchors: Anchors, visible: torch.Tensor,
+                     attrs: DecodedAttributes) -> NeuralGaussians:
+    """Offsets → centres; keep Gaussians with positive opacity (the learned selection)."""
+    offsets = anchors.offsets[visible] * torch.exp(anchors.scaling[visible, None, :3])
+    means = (anchors.xyz[visible, None, :] + offsets).reshape(-1, 3)
+    selected = attrs.opacity > 0
+    return NeuralGaussians(means=means[selected], quats=attrs.quat[selected],
+                           scales=attrs.scale[selected], opacities=attrs.opacity[selected],
+                           colors=attrs.color[selected], selected=selected, visible=visible)
+
+
+def decode(decoder: Decoder, anchors: Anchors, viewmat: torch.Tensor, K: torch.Tensor,
+           width: int, height: int) -> tuple[NeuralGaussians, DecodedAttributes]:
+    """Frustum-cull the anchors, decode them for this view and select the rendered Gaussians."""
+    visible = visible_anchor_mask(anchors, viewmat, K, width, height)
+    center = camera_center(viewmat)
+    attrs = decode_attributes(decoder, anchors, visible, center)
+    return neural_gaussians(anchors, visible, attrs), attrs
+
+
+def camera_center(viewmat: torch.Tensor) -> torch.Tensor:
+    rotation, translation = viewmat[:3, :3], viewmat[:3, 3]
+    return -rotation.T @ translation

@@ -1,0 +1,322 @@
+"""Training of one set of anchors with a decoder: the single-block trainer.
+
+`Trainer` owns one block's anchors, its student decoder copy, Adam state, densification
+statistics and sampling RNG; `train_scene` runs it on a whole scene (one block = the scene) with
+periodic validation, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mgs.atomic import ensure_writable_dir, write_text
+from mgs.checkpoint import load_checkpoint, save_checkpoint
+from mgs.config import TrainConfig
+from mgs.densify import DensifyState, adjust_anchors
+from mgs.errors import InputError, TrainingError
+from mgs.metrics import psnr, ssim
+from mgs.model import Anchors, Decoder, camera_center, decode, decode_attributes
+from mgs.render import render
+from mgs.scene import Camera, Scene, load_image, load_scene
+
+log = logging.getLogger("mgs.train")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "history.tsv"
+
+
+@dataclass
+class View:
+    """A training/validation camera at training resolution, with its image, as tensors."""
+    name: str
+    viewmat: torch.Tensor
+    K: torch.Tensor
+    width: int
+    height: int
+    image: torch.Tensor  # (H, W, 3) in [0, 1]
+
+
+def load_views(cameras: list[Camera], factor: int, cache_dir: Path, device: torch.device,
+               desc: str = "images") -> list[View]:
+    views = []
+    for camera in tqdm(cameras, desc=f"loading {desc}", leave=False, disable=None):
+        scaled = camera.scaled(factor)
+        views.append(View(
+            name=camera.name,
+            viewmat=torch.tensor(scaled.world_to_camera, dtype=torch.float32, device=device),
+            K=torch.tensor(scaled.K, dtype=torch.float32, device=device),
+            width=scaled.width, height=scaled.height,
+            image=load_image(camera, factor, cache_dir).to(device)))
+    return views
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available; use device: auto")
+    return torch.device(name)
+
+
+def expon_lr(step: int, lr_init: float, lr_final: float, max_steps: int) -> float:
+    """Log-linear decay from lr_init to lr_final over max_steps, then held (3DGS schedule)."""
+    if lr_init == lr_final:
+        return lr_init
+    t = min(max(step / max_steps, 0.0), 1.0)
+    return math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
+
+
+def spatial_lr_scale(cameras: list[Camera]) -> float:
+    """1.1 × the largest distance of a camera centre from their mean (3DGS's scene extent)."""
+    centers = np.stack([camera.center for camera in cameras])
+    radius = float(np.linalg.norm(centers - centers.mean(0), axis=1).max())
+    return 1.1 * max(radius, 1e-6)
+
+
+def consistency_loss(student, teacher, selected: torch.Tensor) -> torch.Tensor:
+    """Sum of MSEs between student and (detached) teacher decoded attributes (ALGORITHM.md §3)."""
+    mse = torch.nn.functional.mse_loss
+    return (mse(student.color[selected], teacher.color[selected])
+            + mse(student.quat[selected], teacher.quat[selected])
+            + mse(student.scale[selected], teacher.scale[selected])
+            + mse(student.opacity, teacher.opacity))
+
+
+class Trainer:
+    def __init__(self, anchors: Anchors, decoder: Decoder, config: TrainConfig,
+                 train_views: list[View], lr_scale: float, device: torch.device,
+                 teacher: Decoder | None = None, consistency_weight: float = 0.0,
+                 loss_weight: float = 1.0):
+        self.config = config
+        self.device = device
+        self.anchors = anchors.to(device)
+        self.decoder = decoder.to(device)
+        self.teacher = teacher.to(device).requires_grad_(False) if teacher is not None else None
+        self.consistency_weight = consistency_weight
+        self.loss_weight = loss_weight
+        self.train_views = train_views
+        self.lr_scale = lr_scale
+        self.background = torch.tensor(config.background, dtype=torch.float32, device=device)
+        self.densify = DensifyState(anchors.count, config.n_offsets, device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self) -> torch.optim.Adam:
+        groups = [
+            {"params": [self.anchors.offsets], "name": "offsets"},
+            {"params": [self.anchors.features], "name": "features"},
+            {"params": [self.anchors.scaling], "name": "scaling"},
+            {"params": list(self.decoder.opacity_mlp.parameters()), "name": "mlp_opacity"},
+            {"params": list(self.decoder.cov_mlp.parameters()), "name": "mlp_cov"},
+            {"params": list(self.decoder.color_mlp.parameters()), "name": "mlp_color"},
+        ]
+        optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+        self._set_learning_rates(optimizer, 0)
+        return optimizer
+
+    def _set_learning_rates(self, optimizer, step: int) -> None:
+        c = self.config
+        rates = {
+            "offsets": expon_lr(step, c.offset_lr_init * self.lr_scale,
+                                c.offset_lr_final * self.lr_scale, c.lr_max_steps),
+            "features": c.feature_lr,
+            "scaling": c.scaling_lr,
+            "mlp_opacity": expon_lr(step, c.mlp_opacity_lr_init, c.mlp_opacity_lr_final, c.lr_max_steps),
+            "mlp_cov": expon_lr(step, c.mlp_cov_lr_init, c.mlp_cov_lr_final, c.lr_max_steps),
+            "mlp_color": expon_lr(step, c.mlp_color_lr_init, c.mlp_color_lr_final, c.lr_max_steps),
+        }
+        for group in optimizer.param_groups:
+            group["lr"] = rates[group["name"]]
+
+    def view_for_step(self, step: int) -> View:
+        """Views in a fresh random order every epoch; a pure function of (seed, step) so resume
+        needs no sampler state."""
+        n = len(self.train_views)
+        epoch, index = divmod(step, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            self.config.seed * 1_000_003 + epoch))
+        return self.train_views[int(order[index])]
+
+    def render_view(self, view: View):
+        gaussians, attrs = decode(self.decoder, self.anchors, view.viewmat, view.K,
+                                  view.width, view.height)
+        out = render(gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities,
+                     gaussians.colors, view.viewmat, view.K, view.width, view.height,
+                     background=self.background, backend=self.config.backend)
+        return out, gaussians, attrs
+
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        step = self.step + 1  # 1-based like the official schedule
+        self._set_learning_rates(self.optimizer, step)
+        view = self.view_for_step(self.step)
+        out, gaussians, attrs = self.render_view(view)
+        l1 = (out.image - view.image).abs().mean()
+        ssim_value = ssim(out.image, view.image)
+        scale_reg = gaussians.scales.prod(dim=1).mean() if gaussians.scales.numel() else l1 * 0
+        loss = (1 - c.lambda_dssim) * l1 + c.lambda_dssim * (1 - ssim_value) + c.scale_reg_weight * scale_reg
+        cons = torch.zeros((), device=self.device)
+        if self.teacher is not None and self.consistency_weight > 0:
+            with torch.no_grad():
+                teacher_attrs = decode_attributes(self.teacher, self.anchors, gaussians.visible,
+                                                  camera_center(view.viewmat))
+            cons = consistency_loss(attrs, teacher_attrs, gaussians.selected)
+            loss = loss + self.consistency_weight * cons
+        loss = self.loss_weight * loss
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became non-finite ({loss.item()}) at step {step} "
+                                f"(view {view.name}); the last good checkpoint is kept — lower the "
+                                "learning rates or check the input images")
+        loss.backward()
+
+        with torch.no_grad():
+            if c.start_stat < step < c.update_until and out.means2d_grad is not None:
+                self.densify.accumulate(gaussians, attrs, out.means2d_grad, out.radii,
+                                        view.width, view.height)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if c.update_from < step < c.update_until and step % c.update_interval == 0:
+                adjust_anchors(self.anchors, self.densify, self.optimizer, c, self.generator)
+        self.step = step
+        return {"loss": loss.item(), "l1": l1.item(), "consistency": cons.item(),
+                "gaussians": int(gaussians.means.shape[0])}
+
+    @torch.no_grad()
+    def evaluate(self, views: list[View]) -> dict[str, float]:
+        if not views:
+            return {"psnr": float("nan"), "ssim": float("nan")}
+        psnrs, ssims = [], []
+        for view in views:
+            out, _, _ = self.render_view(view)
+            image = out.image.clamp(0, 1)
+            psnrs.append(psnr(image, view.image).item())
+            ssims.append(ssim(image, view.image).item())
+        return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+
+    # ---- checkpoint state
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "anchors": self.anchors.tensors(),
+            "decoder": {k: v.detach().clone() for k, v in self.decoder.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "densify": self.densify.tensors(),
+            "generator": self.generator.get_state(),
+            "lr_scale": self.lr_scale,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.anchors = Anchors.from_tensors(state["anchors"]).to(self.device)
+        self.decoder.load_state_dict(state["decoder"])
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.densify = DensifyState.from_tensors(state["densify"], self.config.n_offsets, self.device)
+        self.generator.set_state(state["generator"])
+        self.lr_scale = float(state["lr_scale"])
+
+
+def initial_anchors(scene: Scene, config: TrainConfig) -> Anchors:
+    if len(scene.points_xyz) == 0:
+        raise InputError(f"scene {scene.scene_dir} has no 3D points to place anchors on; "
+                         "rerun SfM or check the COLMAP model's points3D")
+    points = scene.points_xyz
+    if config.max_init_anchors and len(points) > config.max_init_anchors:
+        rng = np.random.default_rng(config.seed)
+        points = points[np.sort(rng.choice(len(points), config.max_init_anchors, replace=False))]
+    return Anchors.from_points(points, config.feat_dim, config.n_offsets, config.voxel_size)
+
+
+def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
+                resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train one model on the whole scene; returns the final summary (also in summary.json).
+
+    `stop_after` ends the run early at that step after checkpointing, as an interruption would.
+    """
+    out_dir = ensure_writable_dir(out_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    scene = load_scene(scene_dir)
+    if not scene.train_names:
+        raise InputError(f"scene {scene.scene_dir} has no training views")
+    cache_dir = scene.scene_dir
+    train_views = load_views(scene.train_cameras(), config.resolution, cache_dir, device, "train images")
+    val_views = load_views(scene.test_cameras(), config.resolution, cache_dir, device, "test images")
+
+    torch.manual_seed(config.seed)
+    anchors = initial_anchors(scene, config)
+    trainer = Trainer(anchors, Decoder(config.feat_dim, config.n_offsets), config, train_views,
+                      spatial_lr_scale(scene.train_cameras()), device)
+    history: list[dict] = []
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, config.shape_hash(), map_location=device)
+        trainer.load_state(state)
+        history = list(state.get("history", []))
+        log.info("resumed from %s at step %d", checkpoint_path, trainer.step)
+    elif checkpoint_path.exists() and not resume:
+        log.info("starting over; %s will be replaced", checkpoint_path)
+
+    log.info("training %d anchors on %d views (%d test) for %d steps on %s",
+             trainer.anchors.count, len(train_views), len(val_views), config.iterations, device)
+
+    def save(step_history):
+        save_checkpoint(checkpoint_path, dict(trainer.state(), history=step_history,
+                                              config=config.to_dict()), config.shape_hash())
+        _write_history(out_dir / HISTORY_NAME, step_history)
+
+    start = time.perf_counter()
+    if not history:  # the untrained model's score anchors the trend
+        metrics = trainer.evaluate(val_views)
+        history.append({"step": 0, "loss": float("nan"), "test_psnr": metrics["psnr"],
+                        "test_ssim": metrics["ssim"], "anchors": trainer.anchors.count,
+                        "gaussians": 0, "seconds": 0.0})
+    last_stop = stop_after if stop_after is not None else config.iterations
+    progress = tqdm(total=config.iterations, initial=trainer.step, desc="training", disable=None)
+    running = 0.0
+    while trainer.step < min(config.iterations, last_stop):
+        stats = trainer.train_step()
+        running = stats["loss"] if running == 0 else 0.9 * running + 0.1 * stats["loss"]
+        step = trainer.step
+        progress.update(1)
+        if step % config.eval_interval == 0 or step == config.iterations:
+            metrics = trainer.evaluate(val_views)
+            history.append({"step": step, "loss": running, "test_psnr": metrics["psnr"],
+                            "test_ssim": metrics["ssim"], "anchors": trainer.anchors.count,
+                            "gaussians": stats["gaussians"],
+                            "seconds": time.perf_counter() - start})
+            log.info("step %d: loss %.4f, test PSNR %.2f dB, SSIM %.4f, %d anchors", step, running,
+                     metrics["psnr"], metrics["ssim"], trainer.anchors.count)
+        progress.set_postfix(loss=f"{running:.4f}", anchors=trainer.anchors.count)
+        if step % config.checkpoint_interval == 0 or step in (config.iterations, last_stop):
+            save(history)
+    progress.close()
+
+    final = trainer.evaluate(val_views)
+    summary = {"step": trainer.step, "test_psnr": final["psnr"], "test_ssim": final["ssim"],
+               "anchors": trainer.anchors.count, "test_views": len(val_views),
+               "train_views": len(train_views), "device": str(device),
+               "seconds": time.perf_counter() - start}
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    columns = list(history[0])
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns) for row in history]
+    write_text(path, "\n".join(lines) + "\n")

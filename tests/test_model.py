@@ -1,0 +1,94 @@
+import numpy as np
+import torch
+
+from mgs.config import TrainConfig
+from mgs.densify import DensifyState, adjust_anchors
+from mgs.model import Anchors, Decoder, decode_attributes, neural_gaussians, voxelize
+
+
+def make_anchors(n=6, feat_dim=4, k=3):
+    xyz = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3) * 10.0
+    anchors = Anchors.from_points(xyz.numpy(), feat_dim, k, voxel_size=0.0)
+    anchors.features.data = torch.arange(n * feat_dim, dtype=torch.float32).reshape(n, feat_dim)
+    return anchors
+
+
+def make_optimizer(anchors, decoder):
+    groups = [{"params": [anchors.offsets], "name": "offsets"},
+              {"params": [anchors.features], "name": "features"},
+              {"params": [anchors.scaling], "name": "scaling"},
+              {"params": list(decoder.parameters()), "name": "mlp"}]
+    optimizer = torch.optim.Adam(groups, lr=0.01, eps=1e-15)
+    loss = anchors.features.sum() + anchors.offsets.sum() + anchors.scaling.sum()
+    loss.backward()
+    optimizer.step()  # creates Adam moments to check they follow the rows
+    optimizer.zero_grad()
+    return optimizer
+
+
+def test_voxelize_snaps_and_deduplicates():
+    pts = np.array([[0.01, 0.02, 0.0], [0.04, 0.0, 0.01], [1.0, 1.0, 1.0]])
+    out = voxelize(pts, 0.1)
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(np.sort(out[:, 0]), [0.0, 1.0])
+
+
+def test_decoder_outputs_and_selection():
+    torch.manual_seed(0)
+    anchors = make_anchors(n=5, feat_dim=32, k=10)
+    anchors.features.data.normal_()
+    decoder = Decoder(32, 10)
+    visible = torch.tensor([True, False, True, True, False])
+    attrs = decode_attributes(decoder, anchors, visible, torch.zeros(3))
+    assert attrs.opacity.shape == (30,) and attrs.color.shape == (30, 3)
+    assert torch.allclose(attrs.quat.norm(dim=1), torch.ones(30))
+    assert (attrs.opacity.abs() < 1).all() and ((attrs.color > 0) & (attrs.color < 1)).all()
+    # scale = exp(base scale) * sigmoid(.) never exceeds the anchor's base scale
+    assert (attrs.scale <= torch.exp(anchors.scaling[visible, 3:]).repeat_interleave(10, 0)).all()
+    gaussians = neural_gaussians(anchors, visible, attrs)
+    assert gaussians.means.shape[0] == int((attrs.opacity > 0).sum())
+    assert (gaussians.opacities > 0).all()
+
+
+def test_growing_adds_anchors_with_max_parent_features_and_zero_moments():
+    config = TrainConfig(feat_dim=4, n_offsets=3, voxel_size=0.01, update_interval=25)
+    anchors = make_anchors(feat_dim=4, k=3)
+    anchors.offsets.data[0] = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]])
+    anchors.scaling.data[:] = 0.0  # offsets scaled by exp(0) = 1
+    decoder = Decoder(4, 3)
+    optimizer = make_optimizer(anchors, decoder)
+    state = DensifyState(anchors.count, 3)
+    state.grad_count[:3] = 20  # anchor 0's Gaussians: seen often, with large gradients
+    state.grad_accum[:3] = 20 * 0.01
+    state.anchor_visits[:] = 1
+    before = anchors.count
+    counts = adjust_anchors(anchors, state, optimizer, config, torch.Generator().manual_seed(0))
+    assert counts["grown"] > 0 and anchors.count == before + counts["grown"]
+    new = slice(before, None)
+    assert torch.equal(anchors.features[new], anchors.features[0:1].expand(counts["grown"], -1))
+    assert (anchors.offsets[new] == 0).all()
+    for name in ("features", "offsets", "scaling"):
+        param = getattr(anchors, name)
+        moments = optimizer.state[param]["exp_avg"]
+        assert moments.shape == param.shape and (moments[new] == 0).all()
+        assert (moments[:before] != 0).any()
+    assert state.grad_accum.numel() == anchors.count * 3
+    assert (state.grad_count[:3] == 0).all()  # eligible accumulators were reset
+
+
+def test_pruning_removes_transparent_well_visited_anchors():
+    config = TrainConfig(feat_dim=4, n_offsets=3, voxel_size=0.01)
+    anchors = make_anchors(feat_dim=4, k=3)
+    optimizer = make_optimizer(anchors, Decoder(4, 3))
+    state = DensifyState(anchors.count, 3)
+    state.anchor_visits[:] = 30
+    state.opacity_accum[:] = 5.0
+    state.opacity_accum[2] = 0.0  # never opaque
+    state.anchor_visits[4] = 5  # too few visits to judge: kept
+    state.opacity_accum[4] = 0.0
+    kept_xyz = anchors.xyz[[0, 1, 3, 4, 5]].clone()
+    counts = adjust_anchors(anchors, state, optimizer, config, torch.Generator().manual_seed(0))
+    assert counts["pruned"] == 1
+    assert torch.equal(anchors.xyz, kept_xyz)
+    assert optimizer.state[anchors.features]["exp_avg"].shape == anchors.features.shape
+    assert state.anchor_visits.tolist() == [0, 0, 0, 5, 0]  # judged anchors are reset

@@ -1,0 +1,103 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mgs.checkpoint import load_checkpoint
+from mgs.config import TrainConfig
+from mgs.errors import InputError, TrainingError
+from mgs.train import CHECKPOINT_NAME, train_scene
+
+SMALL = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=5, update_from=5,
+             update_interval=10, update_until=30, eval_interval=20, checkpoint_interval=20,
+             threads=2)
+
+
+def small_config(**overrides):
+    return TrainConfig.from_dict({**SMALL, **overrides})
+
+
+def test_training_raises_test_psnr(tiny_scene, tmp_path):
+    summary = train_scene(tiny_scene, tmp_path, small_config(iterations=150, lr_max_steps=75,
+                                                             update_until=75, eval_interval=50))
+    history = load_checkpoint(tmp_path / CHECKPOINT_NAME)["history"]
+    assert [row["step"] for row in history] == [0, 50, 100, 150]
+    assert history[-1]["test_psnr"] > history[0]["test_psnr"] + 3.0
+    assert summary["test_psnr"] == pytest.approx(history[-1]["test_psnr"], abs=1e-6)
+    assert (tmp_path / "history.tsv").read_text().count("\n") == 5
+    assert (tmp_path / "summary.json").exists()
+
+
+def _flat_tensors(state, prefix=""):
+    if isinstance(state, torch.Tensor):
+        yield prefix, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from _flat_tensors(value, f"{prefix}/{key}")
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from _flat_tensors(value, f"{prefix}/{i}")
+
+
+def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(tiny_scene, tmp_path):
+    config = small_config()
+    train_scene(tiny_scene, tmp_path / "straight", config)
+    train_scene(tiny_scene, tmp_path / "resumed", config, stop_after=20)
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["step"] == 20
+    train_scene(tiny_scene, tmp_path / "resumed", config, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    b = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)
+    assert a["step"] == b["step"] == 40
+    tensors_a, tensors_b = dict(_flat_tensors(a)), dict(_flat_tensors(b))
+    assert tensors_a.keys() == tensors_b.keys() and len(tensors_a) > 10
+    for key, value in tensors_a.items():
+        assert torch.equal(value, tensors_b[key]), key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_scene, tmp_path):
+    train_scene(tiny_scene, tmp_path, small_config(), stop_after=20)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(TrainingError, match="non-finite"):
+        train_scene(tiny_scene, tmp_path, small_config(scale_reg_weight=float("inf")), resume=True)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp.pt")]
+
+
+def test_checkpoint_from_another_config_is_refused(tiny_scene, tmp_path):
+    train_scene(tiny_scene, tmp_path, small_config(), stop_after=20)
+    with pytest.raises(InputError, match="different configuration"):
+        train_scene(tiny_scene, tmp_path, small_config(n_offsets=5), resume=True)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(InputError, match=str(path)):
+        load_checkpoint(path)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mgs.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_reports_missing_scene(tmp_path):
+    result = run_cli("train", "--scene", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "scene.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_reports_unwritable_output(tiny_scene, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_cli("train", "--scene", str(tiny_scene), "--out", str(blocker / "out"))
+    assert result.returncode == 2
+    assert str(blocker / "out") in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_rejects_unknown_config_key(tiny_scene, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  iteratons: 5\n")
+    result = run_cli("train", "--scene", str(tiny_scene), "--out", str(tmp_path / "o"),
+                     "--config", str(config))
+    assert result.returncode == 2 and "iteratons" in result.stderr
