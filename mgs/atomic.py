@@ -50,3 +50,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_tsv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows of equal keys as a tab-separated table (floats with 6 significant digits)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns) for row in rows]
+    write_text(path, "\n".join(lines) + "\n")

@@ -10,7 +10,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+
+# Idle OpenMP threads of torch otherwise spin and starve the numba rasterizer's threads
+# (5-10x slower steps on a loaded machine). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mgs.config import yaml_section
 from mgs.errors import MgsError
@@ -133,6 +138,105 @@ def _run_ingest(args) -> None:
              len(scene.train_names), len(scene.test_names), len(scene.points_xyz))
 
 
+def _add_block_verbs(sub) -> None:
+    """Momentum-GS block training: init, train-block, sync, finalize-block, merge."""
+
+    def add(name, func, help_text, *extra):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--run", required=True,
+                       help="run folder (scene/, partition/partition.json, rounds/, final/)")
+        p.add_argument("--config", help="YAML with train: and momentum: sections "
+                                         "(default RUN/config.yaml)")
+        for flag, kwargs in extra:
+            p.add_argument(flag, **kwargs)
+        p.set_defaults(func=func)
+
+    block = ("--block", dict(type=int, required=True, help="block index"))
+    round_ = ("--round", dict(type=int, required=True, help="round number (1-based)"))
+    add("init", _run_init, "round 0: per-block anchors and one random shared decoder")
+    add("train-block", _run_train_block, "train one block for one round", round_, block)
+    add("sync", _run_sync, "average the students, update the teacher and the block weights",
+        round_)
+    add("finalize-block", _run_finalize, "fine-tune one block's anchors with the decoder frozen",
+        block)
+    add("merge", _run_merge, "crop blocks to their cells, merge, export PLYs",
+        ("--out", dict(help="model folder (default RUN/model)")))
+
+
+def _open_run(args):
+    from mgs.blocks import Run
+
+    return Run.open(args.run, args.config)
+
+
+def _run_init(args) -> None:
+    from mgs.blocks import init_blocks
+
+    log.info("initialised %d blocks", init_blocks(_open_run(args)))
+
+
+def _run_train_block(args) -> None:
+    from mgs.blocks import train_block
+
+    train_block(_open_run(args), args.round, args.block)
+
+
+def _run_sync(args) -> None:
+    from mgs.atomic import write_tsv
+    from mgs.blocks import sync_round
+
+    run = _open_run(args)
+    write_tsv(run.shared_path(args.round).with_name("sync.tsv"), sync_round(run, args.round))
+
+
+def _run_finalize(args) -> None:
+    from mgs.blocks import finalize_block
+
+    finalize_block(_open_run(args), args.block)
+
+
+def _run_merge(args) -> None:
+    from mgs.merge import merge_blocks
+
+    run = _open_run(args)
+    merge_blocks(run, args.out or run.root / "model")
+
+
+def _add_partition(sub) -> None:
+    p = sub.add_parser("partition", help="split a scene into blocks (contracted-space grid) and "
+                                         "assign cameras to them")
+    p.add_argument("--scene", required=True, help="scene folder (scene.json, sparse/0, images)")
+    p.add_argument("--out", required=True,
+                   help="output folder (partition.json, partition.tsv, partition.png)")
+    p.add_argument("--config", help="YAML file; keys under 'partition:' override the defaults")
+    p.add_argument("--block-dim", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="cells along world x, y, z (default 2 2 1)")
+    p.add_argument("--aabb", nargs="+", metavar="V",
+                   help="auto | scene | x0 y0 z0 x1 y1 z1 (default auto: from the cameras)")
+    p.add_argument("--assignment", choices=("center", "projection", "ssim"),
+                   help="camera-to-block test besides the camera centre (default projection)")
+    p.add_argument("--threshold", type=float,
+                   help="visibility threshold (default 0.08 for projection, 0.05 for ssim)")
+    p.add_argument("--min-cameras", type=int, help="merge blocks with fewer cameras (default 5)")
+    p.add_argument("--margin", help="anchor region beyond a cell, in cell sizes; inf = whole scene")
+    p.add_argument("--coarse", help="checkpoint of a whole-scene `mgs train` run (for ssim)")
+    p.set_defaults(func=_run_partition)
+
+
+def _run_partition(args) -> None:
+    from mgs.partition import PartitionConfig, partition_scene
+
+    values = yaml_section(args.config, "partition") if args.config else {}
+    if args.aabb is not None:
+        values["aabb"] = args.aabb[0] if len(args.aabb) == 1 else args.aabb  # checked by the config
+    for key in ("block_dim", "assignment", "threshold", "min_cameras", "margin", "coarse"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    config = PartitionConfig.from_dict(values, source=args.config or "command line")
+    partition = partition_scene(args.scene, args.out, config)
+    log.info("wrote %s: %d blocks", args.out, partition.num_blocks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgs", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -141,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sfm(sub)
     _add_ingest(sub)
+    _add_partition(sub)
+    _add_block_verbs(sub)
     return parser
 
 

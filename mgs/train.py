@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mgs.atomic import ensure_writable_dir, write_text
+from mgs.atomic import ensure_writable_dir, write_text, write_tsv
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig
+from mgs.device import resolve_device
 from mgs.densify import DensifyState, adjust_anchors
 from mgs.errors import InputError, TrainingError
 from mgs.metrics import psnr, ssim
@@ -48,7 +49,7 @@ class View:
 def load_views(cameras: list[Camera], factor: int, cache_dir: Path, device: torch.device,
                desc: str = "images") -> list[View]:
     views = []
-    for camera in tqdm(cameras, desc=f"loading {desc}", leave=False, disable=None):
+    for camera in tqdm(cameras, desc=f"loading {desc}", leave=False, mininterval=2.0):
         scaled = camera.scaled(factor)
         views.append(View(
             name=camera.name,
@@ -57,14 +58,6 @@ def load_views(cameras: list[Camera], factor: int, cache_dir: Path, device: torc
             width=scaled.width, height=scaled.height,
             image=load_image(camera, factor, cache_dir).to(device)))
     return views
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available; use device: auto")
-    return torch.device(name)
 
 
 def expon_lr(step: int, lr_init: float, lr_final: float, max_steps: int) -> float:
@@ -95,11 +88,15 @@ class Trainer:
     def __init__(self, anchors: Anchors, decoder: Decoder, config: TrainConfig,
                  train_views: list[View], lr_scale: float, device: torch.device,
                  teacher: Decoder | None = None, consistency_weight: float = 0.0,
-                 loss_weight: float = 1.0):
+                 loss_weight: float = 1.0, stream: int = 0, freeze_decoder: bool = False):
+        """`stream` separates the random streams of blocks trained from one seed;
+        `freeze_decoder` trains the anchors only (the finalize phase)."""
         self.config = config
+        self.stream = stream
+        self.freeze_decoder = freeze_decoder
         self.device = device
         self.anchors = anchors.to(device)
-        self.decoder = decoder.to(device)
+        self.decoder = decoder.to(device).requires_grad_(not freeze_decoder)
         self.teacher = teacher.to(device).requires_grad_(False) if teacher is not None else None
         self.consistency_weight = consistency_weight
         self.loss_weight = loss_weight
@@ -107,7 +104,7 @@ class Trainer:
         self.lr_scale = lr_scale
         self.background = torch.tensor(config.background, dtype=torch.float32, device=device)
         self.densify = DensifyState(anchors.count, config.n_offsets, device)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + stream)
         self.step = 0
         self.optimizer = self._make_optimizer()
 
@@ -135,6 +132,8 @@ class Trainer:
             "mlp_cov": expon_lr(step, c.mlp_cov_lr_init, c.mlp_cov_lr_final, c.lr_max_steps),
             "mlp_color": expon_lr(step, c.mlp_color_lr_init, c.mlp_color_lr_final, c.lr_max_steps),
         }
+        if self.freeze_decoder:
+            rates.update(mlp_opacity=0.0, mlp_cov=0.0, mlp_color=0.0)
         for group in optimizer.param_groups:
             group["lr"] = rates[group["name"]]
 
@@ -144,7 +143,7 @@ class Trainer:
         n = len(self.train_views)
         epoch, index = divmod(step, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
-            self.config.seed * 1_000_003 + epoch))
+            (self.config.seed * 1_000_003 + self.stream) * 1_000_003 + epoch))
         return self.train_views[int(order[index])]
 
     def render_view(self, view: View):
@@ -274,49 +273,50 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
     def save(step_history):
         save_checkpoint(checkpoint_path, dict(trainer.state(), history=step_history,
                                               config=config.to_dict()), config.shape_hash())
-        _write_history(out_dir / HISTORY_NAME, step_history)
+        write_tsv(out_dir / HISTORY_NAME, step_history)
 
-    start = time.perf_counter()
     if not history:  # the untrained model's score anchors the trend
-        metrics = trainer.evaluate(val_views)
-        history.append({"step": 0, "loss": float("nan"), "test_psnr": metrics["psnr"],
-                        "test_ssim": metrics["ssim"], "anchors": trainer.anchors.count,
-                        "gaussians": 0, "seconds": 0.0})
-    last_stop = stop_after if stop_after is not None else config.iterations
-    progress = tqdm(total=config.iterations, initial=trainer.step, desc="training", disable=None)
-    running = 0.0
-    while trainer.step < min(config.iterations, last_stop):
-        stats = trainer.train_step()
-        running = stats["loss"] if running == 0 else 0.9 * running + 0.1 * stats["loss"]
-        step = trainer.step
-        progress.update(1)
-        if step % config.eval_interval == 0 or step == config.iterations:
-            metrics = trainer.evaluate(val_views)
-            history.append({"step": step, "loss": running, "test_psnr": metrics["psnr"],
-                            "test_ssim": metrics["ssim"], "anchors": trainer.anchors.count,
-                            "gaussians": stats["gaussians"],
-                            "seconds": time.perf_counter() - start})
-            log.info("step %d: loss %.4f, test PSNR %.2f dB, SSIM %.4f, %d anchors", step, running,
-                     metrics["psnr"], metrics["ssim"], trainer.anchors.count)
-        progress.set_postfix(loss=f"{running:.4f}", anchors=trainer.anchors.count)
-        if step % config.checkpoint_interval == 0 or step in (config.iterations, last_stop):
-            save(history)
-    progress.close()
+        history.append(dict(step=0, loss=float("nan"), **_scores(trainer, val_views),
+                            anchors=trainer.anchors.count, seconds=0.0))
+    run_training(trainer, config.iterations, val_views, history, save, stop_after)
 
     final = trainer.evaluate(val_views)
     summary = {"step": trainer.step, "test_psnr": final["psnr"], "test_ssim": final["ssim"],
                "anchors": trainer.anchors.count, "test_views": len(val_views),
                "train_views": len(train_views), "device": str(device),
-               "seconds": time.perf_counter() - start}
+               "seconds": history[-1]["seconds"]}
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    columns = list(history[0])
-    lines = ["\t".join(columns)]
-    lines += ["\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
-                        for c in columns) for row in history]
-    write_text(path, "\n".join(lines) + "\n")
+def _scores(trainer: Trainer, views: list[View]) -> dict[str, float]:
+    metrics = trainer.evaluate(views)
+    return {"val_psnr": metrics["psnr"], "val_ssim": metrics["ssim"]}
+
+
+def run_training(trainer: Trainer, until: int, val_views: list[View], history: list[dict],
+                 save, stop_after: int | None = None, desc: str = "training") -> None:
+    """Step `trainer` up to global step `until`, validating every eval_interval steps (rows
+    appended to `history`) and calling `save(history)` every checkpoint_interval steps and at
+    the end. `stop_after` ends early (after saving), as an interruption would."""
+    config = trainer.config
+    last = min(until, stop_after) if stop_after is not None else until
+    start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    running = float("nan")
+    progress = tqdm(total=until, initial=trainer.step, desc=desc, mininterval=2.0)
+    while trainer.step < last:
+        stats = trainer.train_step()
+        running = stats["loss"] if math.isnan(running) else 0.9 * running + 0.1 * stats["loss"]
+        step = trainer.step
+        progress.update(1)
+        if step % config.eval_interval == 0 or step == until:
+            history.append(dict(step=step, loss=running, **_scores(trainer, val_views),
+                                anchors=trainer.anchors.count,
+                                seconds=time.perf_counter() - start))
+            log.info("step %d: loss %.4f, validation PSNR %.2f dB, SSIM %.4f, %d anchors", step,
+                     running, history[-1]["val_psnr"], history[-1]["val_ssim"],
+                     trainer.anchors.count)
+        progress.set_postfix(loss=f"{running:.4f}", anchors=trainer.anchors.count, refresh=False)
+        if step % config.checkpoint_interval == 0 or step == last:
+            save(history)
+    progress.close()

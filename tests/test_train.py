@@ -23,8 +23,8 @@ def test_training_raises_test_psnr(tiny_scene, tmp_path):
                                                              update_until=75, eval_interval=50))
     history = load_checkpoint(tmp_path / CHECKPOINT_NAME)["history"]
     assert [row["step"] for row in history] == [0, 50, 100, 150]
-    assert history[-1]["test_psnr"] > history[0]["test_psnr"] + 3.0
-    assert summary["test_psnr"] == pytest.approx(history[-1]["test_psnr"], abs=1e-6)
+    assert history[-1]["val_psnr"] > history[0]["val_psnr"] + 3.0
+    assert summary["test_psnr"] == pytest.approx(history[-1]["val_psnr"], abs=1e-6)
     assert (tmp_path / "history.tsv").read_text().count("\n") == 5
     assert (tmp_path / "summary.json").exists()
 
