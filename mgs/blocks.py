@@ -1,0 +1,238 @@
+"""Momentum-GS block training as separate jobs: init, one round of one block, sync, finalize.
+
+Run folder layout (`results/{scene}/`): `scene/`, `partition/partition.json`, `config.yaml`,
+`rounds/{r}/shared.pt` (student average, teacher, block weights and metric EMAs after sync r),
+`rounds/{r}/block_{b}.pt` (block b after round r), `final/block_{b}.pt` (after finalize).
+Every job reads only files of the previous round and writes only its own outputs, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mgs.checkpoint import load_checkpoint, save_checkpoint
+from mgs.config import TrainConfig, yaml_section
+from mgs.errors import InputError
+from mgs.model import Anchors, Decoder
+from mgs.momentum import (MomentumConfig, block_weights, ema_update, update_metric_ema,
+                          weighted_average)
+from mgs.partition import load_partition
+from mgs.scene import load_scene
+from mgs.train import Trainer, load_views, resolve_device, run_training, spatial_lr_scale
+
+log = logging.getLogger("mgs.blocks")
+
+
+@dataclass
+class Run:
+    """A run folder with its configuration, scene and partition."""
+    root: Path
+    train: TrainConfig
+    momentum: MomentumConfig
+
+    @classmethod
+    def open(cls, root: str | Path, config_path: str | Path | None = None) -> "Run":
+        root = Path(root)
+        config_path = Path(config_path) if config_path else root / "config.yaml"
+        if not config_path.is_file():
+            raise InputError(f"config {config_path} not found; pass --config or write the "
+                             "run's config.yaml")
+        train = TrainConfig.from_dict(yaml_section(config_path, "train"), source=str(config_path))
+        momentum = MomentumConfig.from_dict(yaml_section(config_path, "momentum"),
+                                            source=str(config_path))
+        return cls(root, train, momentum)
+
+    @property
+    def config_hash(self) -> str:
+        """Keys that make block checkpoints incompatible (rounds may grow)."""
+        shaped = [self.train.shape_hash(), self.momentum.mode, self.momentum.iterations_per_round]
+        return hashlib.sha256(json.dumps(shaped).encode()).hexdigest()[:16]
+
+    def scene(self):
+        return load_scene(self.root / "scene")
+
+    def partition(self):
+        return load_partition(self.root / "partition" / "partition.json")
+
+    def shared_path(self, round_index: int) -> Path:
+        return self.root / "rounds" / str(round_index) / "shared.pt"
+
+    def block_path(self, round_index: int, block: int) -> Path:
+        return self.root / "rounds" / str(round_index) / f"block_{block}.pt"
+
+    def final_path(self, block: int) -> Path:
+        return self.root / "final" / f"block_{block}.pt"
+
+    def load(self, path: Path) -> dict:
+        return load_checkpoint(path, self.config_hash)
+
+    def save(self, path: Path, payload: dict) -> None:
+        save_checkpoint(path, payload, self.config_hash)
+
+
+def _decoder_state(decoder: Decoder) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+
+
+def init_blocks(run: Run) -> int:
+    """Round 0: each block's anchors (its cell expanded by the margin), one random decoder as
+    student and teacher. Returns the number of blocks."""
+    config = run.train
+    scene, partition = run.scene(), run.partition()
+    if run.momentum.mode == "single" and partition.num_blocks != 1:
+        raise InputError(f"momentum mode 'single' trains one model on the whole scene, but "
+                         f"{run.root / 'partition'} has {partition.num_blocks} blocks; "
+                         "partition with block_dim [1, 1, 1] or choose another mode")
+    torch.manual_seed(config.seed)
+    decoder = Decoder(config.feat_dim, config.n_offsets)
+    points = scene.points_xyz
+    for index, block in enumerate(partition.blocks):
+        mask = partition.points_in_region(points, index, partition.margin)
+        if not mask.any():
+            raise InputError(f"block {index} of {run.root / 'partition'} holds no SfM points; "
+                             "increase the margin or use fewer blocks")
+        anchors = Anchors.from_points(points[mask], config.feat_dim, config.n_offsets,
+                                      config.voxel_size)
+        cameras = [scene.camera(name) for name in block.train_cameras]
+        run.save(run.block_path(0, index), {
+            "round": 0, "block": index, "step": 0, "anchors": anchors.tensors(),
+            "decoder": _decoder_state(decoder), "lr_scale": spatial_lr_scale(cameras)})
+        log.info("block %d: %d anchors, %d train cameras", index, anchors.count, len(cameras))
+    teacher = _decoder_state(decoder)
+    n = len(partition.blocks)
+    run.save(run.shared_path(0), {
+        "round": 0, "student": _decoder_state(decoder), "teacher": teacher,
+        "weights": torch.ones(n, dtype=torch.float64),
+        "psnr_ema": torch.full((n,), float("nan"), dtype=torch.float64),
+        "ssim_ema": torch.full((n,), float("nan"), dtype=torch.float64)})
+    return n
+
+
+def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_teacher: bool,
+                   device: torch.device, freeze_decoder: bool = False):
+    scene, partition = run.scene(), run.partition()
+    spec = partition.blocks[block]
+    config, momentum = run.train, run.momentum
+    train_views = load_views([scene.camera(n) for n in spec.train_cameras], config.resolution,
+                             scene.scene_dir, device, f"block {block} images")
+    val_views = load_views([scene.camera(n) for n in spec.validation_cameras], config.resolution,
+                           scene.scene_dir, device, f"block {block} validation images")
+    decoder = Decoder(config.feat_dim, config.n_offsets)
+    teacher = None
+    consistency, weight = 0.0, 1.0
+    if use_teacher:
+        teacher = Decoder(config.feat_dim, config.n_offsets)
+        teacher.load_state_dict(shared["teacher"])
+        consistency = momentum.consistency_weight
+    if momentum.uses_weighting:
+        weight = float(shared["weights"][block])
+    trainer = Trainer(Anchors.from_tensors(block_state["anchors"]), decoder, config, train_views,
+                      float(block_state["lr_scale"]), device, teacher=teacher,
+                      consistency_weight=consistency, loss_weight=weight, stream=block + 1,
+                      freeze_decoder=freeze_decoder)
+    if "optimizer" in block_state:
+        trainer.load_state(block_state)
+    else:  # round 0: fresh optimizer, stats and RNG
+        trainer.decoder.load_state_dict(block_state["decoder"])
+    # every round starts from the averaged student (independent blocks keep their own)
+    if momentum.shares_decoder:
+        trainer.decoder.load_state_dict(shared["student"])
+    return trainer, val_views
+
+
+def _train_round(run: Run, block: int, round_index: int, source: dict, shared: dict,
+                 out_path: Path, until: int, stop_after: int | None, desc: str,
+                 finalize: bool = False) -> dict:
+    """Shared by train-block and finalize: resume from a partial file if one is there."""
+    device = resolve_device(run.train.device)
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
+    partial_path = out_path.with_suffix(".partial.pt")
+    state = source
+    if partial_path.exists():
+        state = run.load(partial_path)
+        log.info("resuming %s from step %d", out_path.name, state["step"])
+    # round 1 has no meaningful teacher yet (the first sync sets it); finalize freezes the decoder
+    use_teacher = run.momentum.uses_teacher and round_index > 1 and not finalize
+    trainer, val_views = _block_trainer(run, source, block, shared, use_teacher, device,
+                                        freeze_decoder=finalize)
+    history = list(state.get("history", [])) if state is not source else []
+    if state is not source:
+        trainer.load_state(state)
+
+    def save_partial(rows):
+        run.save(partial_path, dict(trainer.state(), history=rows, round=round_index,
+                                    block=block))
+
+    run_training(trainer, until, val_views, history, save_partial, stop_after, desc=desc)
+    if trainer.step < until:
+        return {}
+    metrics = trainer.evaluate(val_views)
+    result = dict(trainer.state(), history=history, round=round_index, block=block,
+                  val_psnr=metrics["psnr"], val_ssim=metrics["ssim"])
+    run.save(out_path, result)
+    partial_path.unlink(missing_ok=True)
+    log.info("block %d %s: validation PSNR %.2f dB, SSIM %.4f, %d anchors", block, desc,
+             metrics["psnr"], metrics["ssim"], trainer.anchors.count)
+    return result
+
+
+def train_block(run: Run, round_index: int, block: int, stop_after: int | None = None) -> dict:
+    """Round r of block b: start from block r-1 and shared r-1, train iterations_per_round."""
+    if round_index < 1:
+        raise InputError("rounds start at 1 (round 0 is `mgs init`)")
+    source = run.load(run.block_path(round_index - 1, block))
+    shared = run.load(run.shared_path(round_index - 1))
+    until = round_index * run.momentum.iterations_per_round
+    return _train_round(run, block, round_index, source, shared, run.block_path(round_index, block),
+                        until, stop_after, f"round {round_index} block {block}")
+
+
+def sync_round(run: Run, round_index: int) -> list[dict]:
+    """Average the students, update the teacher and the block weights; returns TSV rows."""
+    momentum = run.momentum
+    previous = run.load(run.shared_path(round_index - 1))
+    n = len(previous["weights"])
+    blocks = [run.load(run.block_path(round_index, b)) for b in range(n)]
+    psnr_ema = [update_metric_ema(float(previous["psnr_ema"][b]), blocks[b]["val_psnr"],
+                                  momentum.metric_ema) for b in range(n)]
+    ssim_ema = [update_metric_ema(float(previous["ssim_ema"][b]), blocks[b]["val_ssim"],
+                                  momentum.metric_ema) for b in range(n)]
+    if momentum.uses_weighting and round_index > momentum.warmup_rounds:
+        weights = block_weights(psnr_ema, ssim_ema, momentum.sigma, momentum.ssim_scale)
+    else:
+        weights = [1.0] * n
+    students = [b["decoder"] for b in blocks]
+    average = weighted_average(students, weights)
+    if round_index == 1 or not momentum.uses_teacher:
+        teacher = average  # a random-init teacher would pull every block toward noise
+    else:
+        teacher = ema_update(previous["teacher"], average, momentum.momentum)
+    run.save(run.shared_path(round_index), {
+        "round": round_index, "student": average, "teacher": teacher,
+        "weights": torch.tensor(weights, dtype=torch.float64),
+        "psnr_ema": torch.tensor(psnr_ema, dtype=torch.float64),
+        "ssim_ema": torch.tensor(ssim_ema, dtype=torch.float64)})
+    rows = [{"round": round_index, "block": b, "psnr": blocks[b]["val_psnr"],
+             "ssim": blocks[b]["val_ssim"], "psnr_ema": psnr_ema[b], "ssim_ema": ssim_ema[b],
+             "weight": weights[b]} for b in range(n)]
+    for row in rows:
+        log.info("round %d block %d: PSNR %.2f SSIM %.4f weight %.4f", round_index, row["block"],
+                 row["psnr"], row["ssim"], row["weight"])
+    return rows
+
+
+def finalize_block(run: Run, block: int, stop_after: int | None = None) -> dict:
+    """Decoder frozen at the last average; anchors fine-tuned for final_iterations."""
+    last = run.momentum.rounds
+    source = run.load(run.block_path(last, block))
+    shared = run.load(run.shared_path(last))
+    until = int(source["step"]) + run.momentum.final_iterations
+    return _train_round(run, block, last + 1, source, shared, run.final_path(block), until,
+                        stop_after, f"finalize block {block}", finalize=True)

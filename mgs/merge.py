@@ -1,0 +1,192 @@
+"""Merge finalized blocks into one model and export it.
+
+Each block keeps only the anchors inside its own cells (half-open, so every anchor lands in
+exactly one block); the decoder is the last student average (or one decoder per block in the
+`independent` ablation mode). Exports: `anchors.ply` (Scaffold-GS property layout),
+`decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from plyfile import PlyData, PlyElement
+
+from mgs.atomic import atomic_path, ensure_writable_dir
+from mgs.checkpoint import load_checkpoint, save_checkpoint
+from mgs.errors import InputError
+from mgs.model import INIT_OPACITY, Anchors, Decoder, decode, decode_attributes, neural_gaussians
+from mgs.render import render
+
+log = logging.getLogger("mgs.merge")
+
+SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant
+
+
+@dataclass
+class MergedModel:
+    anchors: Anchors
+    anchor_block: torch.Tensor  # (N,) index into `decoders`
+    decoders: list[Decoder]
+
+    def groups(self):
+        """(anchors, decoder) per decoder, for rendering with several decoders."""
+        if len(self.decoders) == 1:
+            return [(self.anchors, self.decoders[0])]
+        tensors = self.anchors.tensors()
+        return [(Anchors.from_tensors({k: v[self.anchor_block == i] for k, v in tensors.items()}),
+                 decoder) for i, decoder in enumerate(self.decoders)]
+
+
+def merge_blocks(run, out_dir: str | Path) -> MergedModel:
+    """Crop each finalized block to its own cells and concatenate (see module docstring)."""
+    partition = run.partition()
+    n = len(partition.blocks)
+    parts: dict[str, list[torch.Tensor]] = {"xyz": [], "features": [], "offsets": [], "scaling": []}
+    anchor_block, decoders = [], []
+    for b in range(n):
+        state = run.load(run.final_path(b))
+        tensors = state["anchors"]
+        own = torch.as_tensor(partition.block_of_points(tensors["xyz"].numpy()) == b)
+        for key in parts:
+            parts[key].append(tensors[key][own])
+        anchor_block.append(torch.full((int(own.sum()),), b if not run.momentum.shares_decoder else 0))
+        decoders.append(state["decoder"])
+        log.info("block %d: kept %d of %d anchors inside its cells", b, int(own.sum()), len(own))
+    if run.momentum.shares_decoder:
+        decoders = [run.load(run.shared_path(run.momentum.rounds))["student"]]
+    merged = {key: torch.cat(values) for key, values in parts.items()}
+    model = MergedModel(Anchors.from_tensors(merged), torch.cat(anchor_block),
+                        [_decoder_from_state(state, run.train) for state in decoders])
+    out_dir = ensure_writable_dir(out_dir)
+    save_model(model, out_dir / "decoder.pt")
+    write_anchor_ply(model.anchors, out_dir / "anchors.ply")
+    center = torch.as_tensor(np.mean([c.center for c in run.scene().train_cameras()], axis=0),
+                             dtype=torch.float32)
+    count = export_splats(model, out_dir / "splats.ply", center)
+    log.info("merged %d anchors from %d blocks; %d Gaussians in splats.ply", model.anchors.count,
+             n, count)
+    return model
+
+
+def _decoder_from_state(state: dict, config) -> Decoder:
+    decoder = Decoder(config.feat_dim, config.n_offsets)
+    decoder.load_state_dict(state)
+    return decoder.requires_grad_(False)
+
+
+def save_model(model: MergedModel, path: Path) -> None:
+    """decoder.pt: the decoder(s) plus the merged anchors, enough to render the model."""
+    first = model.decoders[0]
+    feat_dim = first.opacity_mlp[0].in_features - 3
+    save_checkpoint(path, {"feat_dim": feat_dim, "n_offsets": first.n_offsets,
+                           "decoders": [d.state_dict() for d in model.decoders],
+                           "anchors": model.anchors.tensors(),
+                           "anchor_block": model.anchor_block}, config_hash="merged")
+
+
+def load_model(path: str | Path) -> MergedModel:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file {path} does not exist; run `mgs merge` first")
+    data = load_checkpoint(path)
+    decoders = []
+    for state in data["decoders"]:
+        decoder = Decoder(int(data["feat_dim"]), int(data["n_offsets"]))
+        decoder.load_state_dict(state)
+        decoders.append(decoder.requires_grad_(False))
+    return MergedModel(Anchors.from_tensors(data["anchors"]), data["anchor_block"], decoders)
+
+
+@torch.no_grad()
+def render_model(model: MergedModel, viewmat, K, width, height, background=None, backend="auto"):
+    """Render the merged model: decode each decoder's anchors for this view, composite once."""
+    parts = [decode(decoder, anchors, viewmat, K, width, height)[0]
+             for anchors, decoder in model.groups()]
+    cat = {name: torch.cat([getattr(p, name) for p in parts])
+           for name in ("means", "quats", "scales", "opacities", "colors")}
+    return render(cat["means"], cat["quats"], cat["scales"], cat["opacities"], cat["colors"],
+                  viewmat, K, width, height, background=background, backend=backend)
+
+
+def write_anchor_ply(anchors: Anchors, path: Path) -> None:
+    """Scaffold-GS anchor PLY: x y z nx ny nz f_offset_* f_anchor_feat_* opacity scale_* rot_*."""
+    n, k = anchors.count, anchors.offsets.shape[1]
+    feat_dim = anchors.features.shape[1]
+    # offsets stored as [N, 3, k] flattened: index = axis * k + i
+    offsets = anchors.offsets.detach().transpose(1, 2).reshape(n, 3 * k)
+    columns = {"x": anchors.xyz[:, 0], "y": anchors.xyz[:, 1], "z": anchors.xyz[:, 2],
+               "nx": torch.zeros(n), "ny": torch.zeros(n), "nz": torch.zeros(n)}
+    columns.update({f"f_offset_{i}": offsets[:, i] for i in range(3 * k)})
+    columns.update({f"f_anchor_feat_{i}": anchors.features[:, i] for i in range(feat_dim)})
+    columns["opacity"] = torch.full((n,), math.log(INIT_OPACITY / (1 - INIT_OPACITY)))
+    columns.update({f"scale_{i}": anchors.scaling[:, i] for i in range(6)})
+    columns.update({f"rot_{i}": torch.full((n,), 1.0 if i == 0 else 0.0) for i in range(4)})
+    _write_ply(columns, path)
+
+
+def read_anchor_ply(path: str | Path) -> Anchors:
+    vertex = PlyData.read(str(path))["vertex"]
+    names = vertex.data.dtype.names
+    k = sum(name.startswith("f_offset_") for name in names) // 3
+    feat_dim = sum(name.startswith("f_anchor_feat_") for name in names)
+
+    def stack(fmt, count):
+        return torch.as_tensor(np.stack([vertex[fmt.format(i)] for i in range(count)], 1))
+
+    xyz = torch.as_tensor(np.stack([vertex["x"], vertex["y"], vertex["z"]], 1))
+    offsets = stack("f_offset_{}", 3 * k).reshape(-1, 3, k).transpose(1, 2).contiguous()
+    return Anchors(xyz, stack("f_anchor_feat_{}", feat_dim), offsets, stack("scale_{}", 6))
+
+
+@torch.no_grad()
+def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor) -> int:
+    """Decode every anchor once, as seen from `view_center`, and write a 3DGS PLY (colours as
+    SH degree 0). Returns the number of Gaussians written."""
+    gaussians = []
+    for anchors, decoder in model.groups():
+        everything = torch.ones(anchors.count, dtype=torch.bool)
+        attrs = decode_attributes(decoder, anchors, everything, view_center)
+        gaussians.append(neural_gaussians(anchors, everything, attrs))
+    means = torch.cat([g.means for g in gaussians])
+    opacity = torch.cat([g.opacities for g in gaussians]).clamp(1e-6, 1 - 1e-6)
+    colors = torch.cat([g.colors for g in gaussians])
+    scales = torch.cat([g.scales for g in gaussians]).clamp_min(1e-12)
+    quats = torch.cat([g.quats for g in gaussians])
+    n = means.shape[0]
+    columns = {"x": means[:, 0], "y": means[:, 1], "z": means[:, 2],
+               "nx": torch.zeros(n), "ny": torch.zeros(n), "nz": torch.zeros(n)}
+    columns.update({f"f_dc_{i}": (colors[:, i] - 0.5) / SH_C0 for i in range(3)})
+    columns["opacity"] = torch.log(opacity / (1 - opacity))
+    columns.update({f"scale_{i}": torch.log(scales[:, i]) for i in range(3)})
+    columns.update({f"rot_{i}": quats[:, i] for i in range(4)})
+    _write_ply(columns, path)
+    return n
+
+
+def read_splats(path: str | Path) -> dict[str, torch.Tensor]:
+    """A 3DGS PLY back as render() inputs (means, quats, scales, opacities, colors)."""
+    vertex = PlyData.read(str(path))["vertex"]
+
+    def cols(*names):
+        return torch.as_tensor(np.stack([vertex[name] for name in names], 1))
+
+    return {"means": cols("x", "y", "z"),
+            "quats": cols("rot_0", "rot_1", "rot_2", "rot_3"),
+            "scales": torch.exp(cols("scale_0", "scale_1", "scale_2")),
+            "opacities": torch.sigmoid(cols("opacity")[:, 0]),
+            "colors": cols("f_dc_0", "f_dc_1", "f_dc_2") * SH_C0 + 0.5}
+
+
+def _write_ply(columns: dict[str, torch.Tensor], path: Path) -> None:
+    n = len(next(iter(columns.values())))
+    data = np.empty(n, dtype=[(name, "f4") for name in columns])
+    for name, values in columns.items():
+        data[name] = values.detach().cpu().numpy()
+    with atomic_path(path) as tmp:
+        PlyData([PlyElement.describe(data, "vertex")]).write(str(tmp))

@@ -1,0 +1,140 @@
+"""Momentum-GS block training end to end on a tiny scene: init, rounds, sync, finalize, merge."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mgs.blocks import Run, finalize_block, init_blocks, sync_round, train_block
+from mgs.checkpoint import load_checkpoint
+from mgs.errors import InputError
+from mgs.merge import load_model, merge_blocks, read_anchor_ply, read_splats, render_model
+from mgs.partition import PartitionConfig, partition_scene
+from mgs.render import render
+from mgs.train import load_views
+
+TRAIN = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=2, update_from=2,
+             update_interval=5, update_until=20, eval_interval=10, checkpoint_interval=5,
+             threads=2)
+MOMENTUM = dict(mode="full", rounds=2, iterations_per_round=10, final_iterations=5,
+                consistency_weight=50.0, sigma=1.0)
+
+
+def make_run(root, tiny_scene, **momentum):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "scene").symlink_to(tiny_scene)
+    (root / "config.yaml").write_text(yaml.safe_dump(
+        {"train": TRAIN, "momentum": {**MOMENTUM, **momentum}}))
+    partition_scene(root / "scene", root / "partition",
+                    PartitionConfig(block_dim=[2, 1, 1], assignment="center", min_cameras=2,
+                                    margin=0.25))
+    return Run.open(root)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_scene, tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("run") / "demo", tiny_scene)
+    n = init_blocks(run)
+    assert n == 2
+    for r in (1, 2):
+        for b in range(n):
+            train_block(run, r, b)
+        sync_round(run, r)
+    for b in range(n):
+        finalize_block(run, b)
+    merge_blocks(run, run.root / "model")
+    return run
+
+
+def test_rounds_write_every_file_and_sync_math(trained_run):
+    run = trained_run
+    for r in (0, 1, 2):
+        assert run.shared_path(r).exists()
+        assert all(run.block_path(r, b).exists() for b in range(2))
+    shared1, shared2 = run.load(run.shared_path(1)), run.load(run.shared_path(2))
+    blocks2 = [run.load(run.block_path(2, b)) for b in range(2)]
+    # round 1 is the warm-up: unit weights, and the teacher is set to the average
+    assert shared1["weights"].tolist() == [1.0, 1.0]
+    assert all(torch.equal(shared1["teacher"][k], shared1["student"][k]) for k in shared1["student"])
+    # round 2: weights from the metric EMAs; the student average uses them
+    w = shared2["weights"]
+    assert w.min() == pytest.approx(1.0) and (w >= 1).all() and (w < 2).all()
+    key = "color_mlp.2.bias"
+    expected = (w[0] * blocks2[0]["decoder"][key].double() + w[1] * blocks2[1]["decoder"][key].double()) / w.sum()
+    assert torch.allclose(shared2["student"][key].double(), expected, atol=1e-6)
+    teacher = 0.9 * shared1["teacher"][key] + 0.1 * shared2["student"][key]
+    assert torch.allclose(shared2["teacher"][key], teacher, atol=1e-6)
+    assert blocks2[0]["step"] == 20  # global step continues across rounds
+
+
+def test_merge_keeps_each_anchor_exactly_once(trained_run):
+    run = trained_run
+    partition = run.partition()
+    expected = 0
+    for b in range(2):
+        xyz = run.load(run.final_path(b))["anchors"]["xyz"].numpy()
+        expected += int((partition.block_of_points(xyz) == b).sum())
+    model = load_model(run.root / "model" / "decoder.pt")
+    assert model.anchors.count == expected
+    assert len(np.unique(model.anchors.xyz.numpy(), axis=0)) == expected
+    assert (partition.block_of_points(model.anchors.xyz.numpy()) >= 0).all()
+    ply = read_anchor_ply(run.root / "model" / "anchors.ply")
+    assert torch.allclose(ply.offsets, model.anchors.offsets)
+    assert torch.allclose(ply.features, model.anchors.features)
+
+
+def test_splats_ply_re_renders_like_the_model(trained_run):
+    run = trained_run
+    scene = run.scene()
+    camera = scene.test_cameras()[0]
+    view = load_views([camera], 1, scene.scene_dir, torch.device("cpu"))[0]
+    model = load_model(run.root / "model" / "decoder.pt")
+    from mgs.merge import export_splats
+    path = run.root / "model" / "splats_from_test_view.ply"
+    export_splats(model, path, torch.tensor(camera.center, dtype=torch.float32))
+    splats = read_splats(path)
+    ours = render_model(model, view.viewmat, view.K, view.width, view.height).image
+    theirs = render(**splats, viewmat=view.viewmat, K=view.K, width=view.width,
+                    height=view.height).image
+    assert (ours - theirs).abs().max() < 1e-3
+    assert ours.std() > 0.01  # not an empty render
+
+
+def test_finalize_one_block_leaves_others_byte_identical(trained_run):
+    run = trained_run
+    other = run.final_path(1)
+    before = other.read_bytes(), other.stat().st_mtime_ns
+    target_before = run.final_path(0).stat().st_mtime_ns
+    finalize_block(run, 0)
+    assert (other.read_bytes(), other.stat().st_mtime_ns) == before
+    assert run.final_path(0).stat().st_mtime_ns != target_before
+
+
+def test_train_block_resumed_after_interruption_is_identical(trained_run, tmp_path):
+    run = trained_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.root, copy, symlinks=True,
+                    ignore=shutil.ignore_patterns("final", "model"))
+    (copy / "rounds" / "2" / "block_1.pt").unlink()
+    resumed = Run.open(copy)
+    assert train_block(resumed, 2, 1, stop_after=15) == {}  # "killed" at step 15
+    assert (copy / "rounds" / "2" / "block_1.partial.pt").exists()
+    assert not (copy / "rounds" / "2" / "block_1.pt").exists()
+    train_block(resumed, 2, 1)
+    assert not (copy / "rounds" / "2" / "block_1.partial.pt").exists()
+    a = load_checkpoint(run.block_path(2, 1))
+    b = load_checkpoint(copy / "rounds" / "2" / "block_1.pt")
+    for group in ("anchors", "decoder", "densify"):
+        for key in a[group]:
+            assert torch.equal(a[group][key], b[group][key]), (group, key)
+    assert a["val_psnr"] == b["val_psnr"]
+
+
+def test_block_checkpoint_from_another_config_is_refused(trained_run, tmp_path):
+    run = trained_run
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"train": {**TRAIN, "n_offsets": 5}, "momentum": MOMENTUM}))
+    with pytest.raises(InputError, match="different configuration"):
+        train_block(Run.open(run.root, other), 1, 0)
