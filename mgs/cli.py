@@ -12,10 +12,15 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Idle OpenMP threads of torch otherwise spin and starve the numba rasterizer's threads
 # (5-10x slower steps on a loaded machine). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Snakemake (and SLURM wrappers) set OMP_NUM_THREADS to the job's threads; let numba's
+# rasterizer threads follow it instead of taking every core of the machine.
+if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+    os.environ.setdefault("NUMBA_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 from mgs.config import yaml_section
 from mgs.errors import MgsError
@@ -90,27 +95,124 @@ def _add_sfm(sub) -> None:
                                    "written as an oriented, undistorted scene folder")
     p.add_argument("image_dir", help="folder of photos (sub-folders included)")
     p.add_argument("out", help="scene folder to write (images/, sparse/0/, sfm.json, scene.json)")
+    p.add_argument("--config", help="YAML file; keys under 'sfm:' override the defaults "
+                                     "(the options below override the file)")
     p.add_argument("--matching", choices=("exhaustive", "sequential", "spatial"),
-                   default="exhaustive", help="image pairs to match; spatial uses EXIF GPS")
-    p.add_argument("--min-registered", type=float, default=0.8,
+                   help="image pairs to match; spatial uses EXIF GPS (default exhaustive)")
+    p.add_argument("--min-registered", type=float,
                    help="fail if fewer than this fraction of images register (default 0.8)")
-    p.add_argument("--max-image-size", type=int, default=3200,
+    p.add_argument("--max-image-size", type=int,
                    help="longest side for feature extraction, -1 = full size (default 3200)")
-    p.add_argument("--max-features", type=int, default=8192,
-                   help="SIFT features per image (default 8192)")
-    p.add_argument("--threads", type=int, default=-1, help="CPU threads (default all)")
+    p.add_argument("--max-features", type=int, help="SIFT features per image (default 8192)")
+    p.add_argument("--threads", type=int, help="CPU threads (default all)")
     p.set_defaults(func=_run_sfm)
 
 
 def _run_sfm(args) -> None:
     from mgs.sfm import SfmConfig, run_sfm
 
-    config = SfmConfig(matching=args.matching, min_registered=args.min_registered,
-                       max_image_size=args.max_image_size, max_features=args.max_features,
-                       threads=args.threads)
+    values = yaml_section(args.config, "sfm") if args.config else {}
+    names = {f.name for f in dataclasses.fields(SfmConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise MgsError(f"{args.config}: unknown sfm key(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(sorted(names))}")
+    for key in ("matching", "min_registered", "max_image_size", "max_features", "threads"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    config = SfmConfig(**values)
     scene = run_sfm(args.image_dir, args.out, config)
     log.info("wrote %s: %d cameras (%d test), %d points", args.out, len(scene.cameras),
              len(scene.test_names), len(scene.points_xyz))
+
+
+def _add_configure(sub) -> None:
+    p = sub.add_parser("configure", help="write a run folder's flat config.yaml (sections scene, "
+                                         "synthetic, sfm, partition, train, momentum, paper) "
+                                         "from one scene of the workflow config")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--settings", help="the scene's settings as JSON (what the workflow passes)")
+    source.add_argument("--config", help="workflow config file (scenes: NAME: ...), with --scene")
+    p.add_argument("--scene", help="scene name (required with --config)")
+    p.add_argument("--out", required=True, help="file to write, e.g. results/NAME/config.yaml; "
+                                                "left untouched when its content would not change")
+    p.set_defaults(func=_run_configure)
+
+
+# scene-level keys of the workflow config (workflow/schemas/config.schema.yaml)
+SCENE_KEYS = ("name", "source", "path", "resolution", "up", "coarse_iterations")
+
+
+def _flat_config(settings: dict, source: str) -> dict:
+    """Every section merged over the dataclass defaults and checked like the verbs check it."""
+    from mgs.config import TrainConfig
+    from mgs.momentum import MomentumConfig
+    from mgs.partition import PartitionConfig
+    from mgs.sfm import SfmConfig
+    from mgs.synthetic import SyntheticConfig
+
+    settings = dict(settings)
+    sections = {name: dict(settings.pop(name, None) or {})
+                for name in ("synthetic", "sfm", "partition", "train", "momentum")}
+    paper = settings.pop("paper", None)
+    unknown = sorted(set(settings) - set(SCENE_KEYS))
+    if unknown:
+        raise MgsError(f"{source}: unknown scene key(s) {', '.join(unknown)}; known: "
+                       f"{', '.join(SCENE_KEYS)}, synthetic, sfm, partition, train, momentum, paper")
+    for name, cls in (("synthetic", SyntheticConfig), ("sfm", SfmConfig)):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(sections[name]) - names)
+        if unknown:
+            raise MgsError(f"{source}: unknown {name} key(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(names))}")
+        config = cls(**sections[name])
+        config.validate()
+        sections[name] = dataclasses.asdict(config)
+    partition = PartitionConfig.from_dict(sections["partition"], source=source)
+    sections["partition"] = dataclasses.asdict(partition)
+    sections["train"] = TrainConfig.from_dict(sections["train"], source=source).to_dict()
+    sections["momentum"] = dataclasses.asdict(MomentumConfig.from_dict(sections["momentum"],
+                                                                       source=source))
+    return {"scene": settings, **sections, "paper": paper}
+
+
+def _run_configure(args) -> None:
+    import yaml
+
+    from mgs.atomic import write_text
+
+    if args.settings is not None:
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as exc:
+            raise MgsError(f"--settings is not valid JSON: {exc}") from exc
+        source = "--settings"
+    else:
+        if not args.scene:
+            raise MgsError("--config needs --scene NAME (a key under scenes:)")
+        scenes = yaml_section(args.config, "scenes")
+        if not isinstance(scenes.get(args.scene), dict):
+            raise MgsError(f"{args.config}: no scene {args.scene!r} under scenes: "
+                           f"(found: {', '.join(sorted(scenes)) or 'none'})")
+        settings = dict(scenes[args.scene], name=args.scene)
+        source = f"{args.config} (scene {args.scene})"
+    if not isinstance(settings, dict):
+        raise MgsError(f"{source}: the scene settings must be a mapping")
+    flat = _flat_config(settings, source)
+
+    class Dumper(yaml.SafeDumper):  # block mappings, one-line lists ([2, 2, 1])
+        pass
+
+    Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", value, flow_style=True))
+    text = ("# Written by `mgs configure` from the workflow config; edit that instead.\n"
+            + yaml.dump(flat, Dumper=Dumper, sort_keys=False, default_flow_style=False))
+    out = Path(args.out)
+    if out.is_file() and out.read_text() == text:
+        log.info("%s is up to date", out)
+        return
+    write_text(out, text)
+    log.info("wrote %s", out)
 
 
 def _add_ingest(sub) -> None:
@@ -237,16 +339,62 @@ def _run_partition(args) -> None:
     log.info("wrote %s: %d blocks", args.out, partition.num_blocks)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="render the merged model's test views; PSNR, SSIM, LPIPS "
+                                        "(raw and colour-corrected), FPS, peak memory")
+    p.add_argument("--run", required=True, help="run folder (scene/, model/decoder.pt, config.yaml)")
+    p.add_argument("--config", help="YAML with train: and momentum: sections "
+                                     "(default RUN/config.yaml)")
+    p.add_argument("--out", help="output folder (default RUN/eval)")
+    p.add_argument("--backend", help="auto | torch | gsplat (default: the config's train.backend)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
+    p.add_argument("--lpips-input", choices=("[0,1]", "[-1,1]"), default="[0,1]",
+                   help="range of the images fed to LPIPS: [0,1] as the official Momentum-GS "
+                        "metrics (default, comparable with the paper) or [-1,1] as the lpips "
+                        "package documents")
+    p.add_argument("--warmup", type=int, default=3, help="untimed renders before timing (default 3)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> None:
+    from mgs.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run, args.config, args.out, backend=args.backend,
+                           device=args.device, lpips_input=args.lpips_input, warmup=args.warmup)
+    print(json.dumps(metrics["metrics"], indent=2))
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="tables and figures for every evaluated run under a folder "
+                                      "(Markdown and self-contained HTML)")
+    p.add_argument("--results", required=True,
+                   help="folder searched for run folders (any folder with eval/metrics.json)")
+    p.add_argument("--out", required=True, help="report folder (report.md, report.html, *.png)")
+    p.add_argument("--paper-tables", help="CSV of the paper's numbers (default: the copy shipped "
+                                          "with mgs, Momentum-GS arXiv 2412.04887v2)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> None:
+    from mgs.report import make_report
+
+    path = make_report(args.results, args.out, args.paper_tables)
+    log.info("wrote %s", path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgs", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
+    _add_configure(sub)
     _add_synth(sub)
     _add_train(sub)
     _add_sfm(sub)
     _add_ingest(sub)
     _add_partition(sub)
     _add_block_verbs(sub)
+    _add_evaluate(sub)
+    _add_report(sub)
     return parser
 
 

@@ -290,8 +290,11 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
 
 
 def _scores(trainer: Trainer, views: list[View]) -> dict[str, float]:
+    """Validation PSNR/SSIM, plus PSNR on a fixed sample of training views (overfitting check)."""
     metrics = trainer.evaluate(views)
-    return {"val_psnr": metrics["psnr"], "val_ssim": metrics["ssim"]}
+    sample = trainer.train_views[:: max(1, len(trainer.train_views) // 8)]
+    return {"val_psnr": metrics["psnr"], "val_ssim": metrics["ssim"],
+            "train_psnr": trainer.evaluate(sample)["psnr"]}
 
 
 def run_training(trainer: Trainer, until: int, val_views: list[View], history: list[dict],

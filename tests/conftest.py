@@ -2,7 +2,7 @@ import pytest
 
 from mgs.synthetic import SyntheticConfig, make_synthetic_scene
 
-TINY_SCENE = dict(seed=3, num_views=20, width=64, height=48, num_points=1500, num_passes=2)
+TINY_SCENE = dict(seed=3, num_views=30, width=96, height=72, num_points=1500, num_passes=3)
 
 
 @pytest.fixture(scope="session")

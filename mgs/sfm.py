@@ -1,0 +1,451 @@
+"""Structure from motion on a folder of photos with pycolmap, written as an mgs scene folder.
+
+Stages: feature extraction → matching (exhaustive | sequential | GPS-spatial) → incremental
+mapping → orientation (world up = +z) → undistortion to PINHOLE. Output (``OUT/``)::
+
+    images/      undistorted images, names as in IMAGE_DIR
+    sparse/0/    PINHOLE COLMAP model (with tracks), oriented so +z is up
+    sfm.json     report: stage times, registered / total, reprojection error, orientation
+    scene.json   written last: the completion marker (see mgs.scene)
+
+The old scene in OUT stays valid until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+from PIL import Image
+from tqdm import tqdm
+
+from mgs.atomic import ensure_writable_dir, write_text
+from mgs.errors import InputError, MgsError
+from mgs.scene import MODEL_SUBDIR, SCENE_JSON, Scene, read_colmap, save_scene, split_every
+
+log = logging.getLogger("mgs.sfm")
+pycolmap.logging.minloglevel = 2
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+MATCHING = ("exhaustive", "sequential", "spatial")
+REPORT_JSON = "sfm.json"
+
+
+@dataclass
+class SfmConfig:
+    matching: str = "exhaustive"
+    min_registered: float = 0.8   # fail below this fraction of registered images
+    max_image_size: int = 3200    # extraction only (COLMAP's default); outputs stay full size
+    max_features: int = 8192
+    camera_model: str = "SIMPLE_RADIAL"
+    sequential_overlap: int = 10
+    spatial_neighbors: int = 20
+    spatial_max_distance: float = 0.0  # metres; 0 = auto from the GPS spacing
+    seed: int = 0
+    threads: int = -1             # -1 = all cores
+
+    def validate(self) -> None:
+        if self.matching not in MATCHING:
+            raise MgsError(f"matching must be one of {', '.join(MATCHING)}, got {self.matching!r}")
+        if not 0.0 <= self.min_registered <= 1.0:
+            raise MgsError(f"min_registered must be a fraction in [0, 1], "
+                           f"got {self.min_registered}")
+        if self.max_features < 64 or (self.max_image_size != -1 and self.max_image_size < 100):
+            raise MgsError("max_features must be >= 64 and max_image_size >= 100 (or -1 = full)")
+
+
+# ------------------------------------------------------------------ inputs
+
+def list_images(image_dir) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Readable images directly in `image_dir` (sorted names) and their sizes.
+
+    Non-image files are ignored and unreadable/corrupt images skipped, each with a warning;
+    sub-folders are not searched (a scene keeps its images in one flat folder).
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise InputError(f"image folder {image_dir} does not exist or is not a folder")
+    names, sizes, others, corrupt = [], {}, [], []
+    for path in sorted(p for p in image_dir.iterdir() if p.is_file()):
+        if path.name.startswith("."):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            others.append(path.name)
+            continue
+        try:
+            with Image.open(path) as img:
+                size = img.size
+                img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # fast full decode
+                img.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            corrupt.append(f"{path.name} ({exc})")
+            continue
+        names.append(path.name)
+        sizes[path.name] = size
+    if others:
+        log.warning("ignoring %d non-image file(s) in %s: %s", len(others), image_dir,
+                    _short_list(others))
+    if corrupt:
+        log.warning("skipping %d unreadable image(s): %s", len(corrupt), _short_list(corrupt))
+    if len(names) < 3:
+        raise InputError(f"{image_dir} has {len(names)} readable image(s) "
+                         f"({'/'.join(sorted(IMAGE_SUFFIXES))}); SfM needs at least 3 "
+                         "overlapping photos taken from different positions")
+    return names, sizes
+
+
+def _short_list(items, limit: int = 10) -> str:
+    items = list(items)
+    more = f" … and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# --------------------------------------------------------------- geometry
+
+def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True):
+    """Least-squares similarity (s, R, t) with dst ≈ s·R·src + t (Umeyama 1991), any dimension."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    xs, xd = src - mu_s, dst - mu_d
+    cov = xd.T @ xs / len(src)
+    u, sv, vt = np.linalg.svd(cov)
+    sign = np.eye(src.shape[1])
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[-1, -1] = -1.0  # reflection → nearest proper rotation
+    rotation = u @ sign @ vt
+    var_s = (xs ** 2).sum() / len(src)
+    scale = float(np.trace(np.diag(sv) @ sign) / var_s) if with_scale and var_s > 0 else 1.0
+    return scale, rotation, mu_d - scale * rotation @ mu_s
+
+
+def wgs84_to_enu(lat_lon_alt: np.ndarray, origin=None) -> np.ndarray:
+    """Local east-north-up metres around `origin` (default: the mean position)."""
+    lla = np.asarray(lat_lon_alt, np.float64).reshape(-1, 3)
+    a, f = 6378137.0, 1 / 298.257223563
+    e2 = f * (2 - f)
+
+    def ecef(p):
+        lat, lon = np.radians(p[..., 0]), np.radians(p[..., 1])
+        n = a / np.sqrt(1 - e2 * np.sin(lat) ** 2)
+        return np.stack([(n + p[..., 2]) * np.cos(lat) * np.cos(lon),
+                         (n + p[..., 2]) * np.cos(lat) * np.sin(lon),
+                         (n * (1 - e2) + p[..., 2]) * np.sin(lat)], -1)
+
+    origin = lla.mean(0) if origin is None else np.asarray(origin, np.float64)
+    lat, lon = np.radians(origin[0]), np.radians(origin[1])
+    to_enu = np.array([[-np.sin(lon), np.cos(lon), 0],
+                       [-np.sin(lat) * np.cos(lon), -np.sin(lat) * np.sin(lon), np.cos(lat)],
+                       [np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)]])
+    return (ecef(lla) - ecef(origin)) @ to_enu.T
+
+
+def rotation_to_z(up: np.ndarray) -> np.ndarray:
+    """Smallest rotation taking the unit vector `up` to +z."""
+    up = np.asarray(up, np.float64) / np.linalg.norm(up)
+    axis, cos = np.cross(up, [0.0, 0.0, 1.0]), float(up[2])
+    if np.linalg.norm(axis) < 1e-12:
+        return np.eye(3) if cos > 0 else np.diag([1.0, -1.0, -1.0])
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + k + k @ k / (1 + cos)
+
+
+def estimate_up(world_to_cams: list[np.ndarray]) -> tuple[np.ndarray, str]:
+    """Up direction from camera geometry alone, and how it was found.
+
+    Aerial sets look mostly one way (down): up = −mean viewing direction, refined by the normal
+    of the camera-centre plane when the flight is planar. Ground-level sets: photos are taken
+    upright, so up = mean of the cameras' −y axes.
+    """
+    rotations = np.stack([p[:3, :3] for p in world_to_cams])
+    centres = np.stack([-p[:3, :3].T @ p[:3, 3] for p in world_to_cams])
+    view = rotations[:, 2, :].mean(0)      # camera z axes in world coordinates
+    cam_up = -rotations[:, 1, :].mean(0)
+    if np.linalg.norm(view) > 0.5:
+        up, method = -view / np.linalg.norm(view), "viewing direction"
+        if len(centres) >= 4:
+            # Survey flights keep their altitude: the centres span a horizontal plane or line.
+            _, sv, vt = np.linalg.svd(centres - centres.mean(0))
+            normal = vt[2] * np.sign(vt[2] @ up)
+            planar = sv[1] > 0.2 * sv[0] and sv[2] < 0.25 * sv[1]
+            if planar and normal @ up > np.cos(np.radians(30)):
+                up, method = normal, "camera-centre plane"
+            elif sv[1] <= 0.2 * sv[0] and abs(vt[0] @ up) < np.sin(np.radians(30)):
+                up = up - (vt[0] @ up) * vt[0]
+                up, method = up / np.linalg.norm(up), "viewing direction, level flight line"
+        return up, method
+    if np.linalg.norm(cam_up) > 0.1:
+        return cam_up / np.linalg.norm(cam_up), "camera up vectors"
+    log.warning("cannot tell the up direction from the camera geometry; keeping −y of the "
+                "reconstruction as up")
+    return np.array([0.0, -1.0, 0.0]), "none (−y)"
+
+
+def orientation(world_to_cams, gps_enu=None):
+    """Similarity (s, R, t) taking the SfM frame to a z-up frame, and the method used.
+
+    Up always comes from the camera geometry: consumer GPS altitude drifts (on the Caliterra
+    flight it climbs 110 m while the cameras fly level). Horizontal GPS (east, north), when
+    it fits, sets metric scale and heading (x east, y north); else the main flight direction
+    becomes x and the SfM scale is kept.
+    """
+    centres = np.stack([-p[:3, :3].T @ p[:3, 3] for p in world_to_cams])
+    up, method = estimate_up(world_to_cams)
+    rot = rotation_to_z(up)
+    xy = (centres @ rot.T)[:, :2]
+    if gps_enu is not None and np.isfinite(gps_enu).all(1).sum() >= 3:
+        valid = np.isfinite(gps_enu).all(1)
+        en, sfm_xy = gps_enu[valid, :2], xy[valid]
+        s, r2, t2 = umeyama(sfm_xy, en)
+        resid = np.sqrt(((s * sfm_xy @ r2.T + t2 - en) ** 2).sum(1).mean())
+        spread = np.sqrt(((en - en.mean(0)) ** 2).sum(1).mean())
+        # Camera GPS is often 10–20 m off (Caliterra: 17 m rms over a 44 m flight); that still
+        # gives a rough metric scale and heading, better than arbitrary SfM units.
+        if spread > 5.0 and resid < 0.5 * spread:
+            (log.info if resid < 0.1 * spread else log.warning)(
+                "GPS east/north fit: %.4g m per SfM unit, rms residual %.1f m over %.0f m%s", s,
+                resid, spread, "" if resid < 0.1 * spread else " (noisy GPS: approximate)")
+            r3 = np.eye(3)
+            r3[:2, :2] = r2
+            return (s, r3 @ rot, np.array([*t2, 0.0]),
+                    f"{method}; east-north metres from GPS (rms {resid:.1f} m)")
+        log.warning("GPS positions do not fit the reconstruction (rms %.1f m over %.1f m); "
+                    "ignoring GPS for the orientation", resid, spread)
+    if len(xy) >= 2:
+        _, _, vt = np.linalg.svd(xy - xy.mean(0))
+        yaw = -np.arctan2(vt[0, 1], vt[0, 0])  # main flight direction → x
+        rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+        rot = rz @ rot
+    return 1.0, rot, np.zeros(3), method
+
+
+def _orient(rec: pycolmap.Reconstruction, priors: dict) -> tuple[str, list | None]:
+    """Transform `rec` in place; returns the method and, if GPS-aligned, the (lat, lon) of x=y=0."""
+    ids = sorted(rec.reg_image_ids())
+    poses = [np.vstack([rec.images[i].cam_from_world().matrix(), [0, 0, 0, 1]]) for i in ids]
+    lla = np.array([priors.get(i, [np.nan] * 3) for i in ids], np.float64)
+    ok = np.isfinite(lla).all(1)
+    gps, origin = None, lla[ok].mean(0) if ok.sum() >= 3 else None
+    if origin is not None:
+        gps = np.full_like(lla, np.nan)
+        gps[ok] = wgs84_to_enu(lla[ok], origin)
+    scale, rot, t, method = orientation(poses, gps)
+    rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(rot), t))
+    # z = 0 at the median point (ground); x, y = 0 at the GPS origin or under the cameras.
+    georef = "GPS" in method
+    centres = np.stack([rec.images[i].projection_center() for i in ids])
+    z0 = np.median([p.xyz[2] for p in rec.points3D.values()]) if rec.num_points3D() else 0.0
+    shift = -np.array([*(np.zeros(2) if georef else np.median(centres[:, :2], 0)), z0])
+    rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(np.eye(3)), shift))
+    return method, [float(origin[0]), float(origin[1])] if georef else None
+
+
+# ------------------------------------------------------------------ stages
+
+def _extract(db: Path, image_dir: Path, names, sizes, config: SfmConfig) -> None:
+    options = pycolmap.FeatureExtractionOptions()
+    options.max_image_size = config.max_image_size
+    options.num_threads = config.threads
+    options.sift.max_num_features = config.max_features
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = config.camera_model
+    # One shared camera when all photos have one size (one drone camera), else COLMAP decides.
+    single = len(set(sizes.values())) == 1
+    mode = pycolmap.CameraMode.SINGLE if single else pycolmap.CameraMode.AUTO
+    chunk = max(4, len(names) // 20)  # chunks only to show progress
+    with tqdm(total=len(names), desc="sfm: extracting features", unit="img") as bar:
+        for start in range(0, len(names), chunk):
+            pycolmap.extract_features(db, image_dir, image_names=names[start:start + chunk],
+                                      camera_mode=mode, reader_options=reader,
+                                      extraction_options=options, device=pycolmap.Device.auto)
+            if single and reader.existing_camera_id < 0:
+                reader.existing_camera_id = 1  # later chunks reuse the first chunk's camera
+            bar.update(len(names[start:start + chunk]))
+
+
+def _gps_priors(database: pycolmap.Database) -> dict[int, list[float]]:
+    priors = {}
+    for prior in database.read_all_pose_priors():
+        if prior.coordinate_system.name == "WGS84" and prior.has_position():
+            priors[prior.corr_data_id.id] = [float(v) for v in prior.position]
+    return priors
+
+
+def _match(db: Path, config: SfmConfig, priors: dict, num_images: int) -> None:
+    options = pycolmap.FeatureMatchingOptions()
+    options.num_threads = config.threads
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = config.seed  # reruns give the same pairs
+    kwargs = dict(matching_options=options, verification_options=verification,
+                  device=pycolmap.Device.auto)
+    if config.matching == "exhaustive":
+        pycolmap.match_exhaustive(db, **kwargs)
+    elif config.matching == "sequential":
+        pairing = pycolmap.SequentialPairingOptions()
+        pairing.overlap = config.sequential_overlap
+        pycolmap.match_sequential(db, pairing_options=pairing, **kwargs)
+    else:
+        if not priors:
+            raise InputError("spatial matching needs GPS positions, but none of the images "
+                             "has GPS latitude/longitude/altitude in its EXIF; use "
+                             "--matching exhaustive (or sequential for video frames)")
+        if len(priors) < num_images:
+            log.warning("%d of %d images have no GPS tag; spatial matching cannot pair them",
+                        num_images - len(priors), num_images)
+        pairing = pycolmap.SpatialPairingOptions()
+        pairing.max_num_neighbors = config.spatial_neighbors
+        pairing.max_distance = config.spatial_max_distance or _auto_distance(priors)
+        log.info("spatial matching: %d nearest GPS neighbours within %.0f m",
+                 pairing.max_num_neighbors, pairing.max_distance)
+        pycolmap.match_spatial(db, pairing_options=pairing, **kwargs)
+
+
+def _auto_distance(priors: dict) -> float:
+    """Neighbour radius: 8× the median spacing between GPS positions (ground plane), ≥ 50 m."""
+    enu = wgs84_to_enu(np.array(list(priors.values())))[:, :2]
+    dist = np.linalg.norm(enu[:, None] - enu[None], axis=-1) + np.eye(len(enu)) * 1e12
+    return float(max(50.0, 8.0 * np.median(dist.min(1)))) if len(enu) > 1 else 100.0
+
+
+def _map(db: Path, image_dir: Path, out: Path, config: SfmConfig,
+         num_images: int) -> dict[int, pycolmap.Reconstruction]:
+    options = pycolmap.IncrementalPipelineOptions()
+    options.min_model_size = 3  # COLMAP's 10 would drop every model of a small set
+    options.random_seed = config.seed
+    options.num_threads = config.threads
+    bar = tqdm(total=num_images, desc="sfm: registering images", unit="img")
+
+    def registered() -> None:
+        bar.update(1)
+
+    try:
+        return pycolmap.incremental_mapping(db, image_dir, out, options=options,
+                                            initial_image_pair_callback=lambda: bar.update(2),
+                                            next_image_callback=registered)
+    finally:
+        bar.close()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` onto `dst`, replacing it; an old `dst` is parked first and removed after."""
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- pipeline
+
+@contextlib.contextmanager
+def _timed(times: dict, stage: str, bar: str | None = None):
+    """Time a stage; `bar` shows a one-step progress bar for stages pycolmap runs in one call."""
+    tic = time.perf_counter()
+    with tqdm(total=1, desc=f"sfm: {bar}", unit="stage", disable=bar is None) as progress:
+        yield
+        progress.update(1)
+    times[stage] = round(time.perf_counter() - tic, 2)
+
+
+def _read_db(db: Path) -> tuple[set[str], dict, int]:
+    database = pycolmap.Database.open(db)
+    try:
+        return ({im.name for im in database.read_all_images()}, _gps_priors(database),
+                database.num_verified_image_pairs())
+    finally:
+        database.close()
+
+
+def run_sfm(image_dir, out_dir, config: SfmConfig | None = None) -> Scene:
+    """Photos in `image_dir` → oriented, undistorted scene folder `out_dir`; returns the Scene."""
+    config = config or SfmConfig()
+    config.validate()
+    image_dir, out_dir = Path(image_dir), Path(out_dir)
+    names, sizes = list_images(image_dir)
+    ensure_writable_dir(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=".sfm-", suffix=".tmp", dir=out_dir))
+    db, times = work / "database.db", {}
+    log.info("SfM on %d images from %s (%s matching)", len(names), image_dir, config.matching)
+    try:
+        with _timed(times, "extract"):
+            _extract(db, image_dir, names, sizes, config)
+        in_db, priors, _ = _read_db(db)
+        if missing := [n for n in names if n not in in_db]:
+            log.warning("COLMAP could not read %d image(s): %s", len(missing), _short_list(missing))
+        with _timed(times, "match", f"{config.matching} matching"):
+            _match(db, config, priors, len(in_db))
+        if _read_db(db)[2] == 0:
+            raise InputError(f"no two images in {image_dir} could be matched geometrically; the "
+                             "photos must overlap (about 60 % or more) and show the same scene")
+        with _timed(times, "map"):
+            models = _map(db, image_dir, work / "mapped", config, len(in_db))
+        if not models:
+            raise InputError(
+                f"SfM could not build any model from {image_dir}: no image pair has enough "
+                "matches and parallax to start from. The photos must overlap and be taken from "
+                "different positions (identical or near-identical photos, or a camera that only "
+                "rotates, cannot be reconstructed)")
+        rec = max(models.values(), key=lambda r: r.num_reg_images())
+        stats = _check_registered(rec, names, config, image_dir, len(models))
+        with _timed(times, "undistort", "orienting + undistorting to PINHOLE"):
+            method, origin = _orient(rec, priors)
+            (work / "distorted").mkdir()
+            rec.write(work / "distorted")
+            pycolmap.undistort_images(work / "undistorted", work / "distorted", image_dir,
+                                      num_threads=config.threads)
+            (work / "sparse").mkdir()
+            os.replace(work / "undistorted" / "sparse", work / MODEL_SUBDIR)
+        log.info("oriented the model: up from %s", method)
+        stats.update(orientation=method, origin_wgs84=origin, seconds=times, config=asdict(config),
+                     image_dir=os.path.relpath(image_dir.resolve(), out_dir.resolve()))
+        # Swap in: scene.json goes first (the scene is incomplete from here) and comes back last.
+        (out_dir / SCENE_JSON).unlink(missing_ok=True)
+        _replace_dir(work / "undistorted" / "images", out_dir / "images")
+        _replace_dir(work / "sparse", out_dir / "sparse")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_text(out_dir / REPORT_JSON, json.dumps(stats, indent=2) + "\n")
+    cameras, xyz, rgb = read_colmap(out_dir / MODEL_SUBDIR, out_dir / "images")
+    train, test = split_every([c.name for c in cameras], every=10)
+    scene = Scene(cameras=cameras, train_names=train, test_names=test, points_xyz=xyz,
+                  points_rgb=rgb, up=np.array([0.0, 0.0, 1.0]), scene_dir=out_dir,
+                  source=f"sfm {config.matching} from {stats['image_dir']}; "
+                         f"{stats['registered']}/{stats['total']} registered; up from {method}")
+    save_scene(scene, out_dir, write_model=False)
+    log.info("SfM done: %d/%d registered, %d points, %.2f px reprojection error; %s",
+             stats["registered"], stats["total"], stats["points"], stats["reprojection_error_px"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    return scene
+
+
+def _check_registered(rec, names, config: SfmConfig, image_dir: Path, num_models: int) -> dict:
+    registered = {rec.images[i].name for i in rec.reg_image_ids()}
+    missing = [n for n in names if n not in registered]
+    ratio = len(registered) / len(names)
+    stats = dict(registered=len(registered), total=len(names), models=num_models,
+                 points=rec.num_points3D(),
+                 reprojection_error_px=round(float(rec.compute_mean_reprojection_error()), 4),
+                 mean_track_length=round(float(rec.compute_mean_track_length()), 3),
+                 unregistered=missing)
+    log.info("largest of %d model(s): %d/%d images registered (%.0f %%), %d points",
+             num_models, len(registered), len(names), 100 * ratio, rec.num_points3D())
+    if ratio < config.min_registered:
+        raise InputError(
+            f"SfM registered only {len(registered)} of {len(names)} images from {image_dir} "
+            f"({100 * ratio:.0f} % < {100 * config.min_registered:.0f} %); not registered: "
+            f"{_short_list(missing, 20)}. Check that they overlap the others, try "
+            "--matching exhaustive, or lower --min-registered")
+    if missing:
+        log.warning("%d image(s) not registered and left out: %s", len(missing),
+                    _short_list(missing))
+    return stats
