@@ -13,6 +13,10 @@ from typing import Iterator
 
 from mgs.errors import MgsError
 
+# mkstemp creates 0600 files; outputs should get the usual permissions (shared clusters)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def ensure_writable_dir(directory: str | os.PathLike) -> Path:
     """Create `directory` if needed and check we can write there; clear error otherwise."""
@@ -41,6 +45,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

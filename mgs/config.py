@@ -71,11 +71,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown training key(s) {', '.join(unknown)}; "
-                             f"known keys are: {', '.join(sorted(known))}")
+        check_known_keys(cls, values, "train", source)
         config = cls(**values)
         config.validate(source)
         return config
@@ -113,3 +109,12 @@ def yaml_section(path: str | Path, section: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise InputError(f"{path}: '{section}' must be a mapping of keys")
     return dict(values)
+
+
+def check_known_keys(cls, values: dict[str, Any], section: str, source: str) -> None:
+    """Reject keys that are not fields of the dataclass `cls`, naming them and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"{source}: unknown {section} key(s) {', '.join(unknown)}; "
+                         f"known keys are: {', '.join(sorted(known))}")

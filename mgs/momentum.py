@@ -9,11 +9,12 @@ blocks' validation metrics into the next round's weights (ALGORITHM.md §3-§4, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mgs.config import check_known_keys
 from mgs.errors import InputError
 
 MODES = ("single", "independent", "shared", "momentum", "full")
@@ -34,11 +35,7 @@ class MomentumConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "MomentumConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown momentum key(s) {', '.join(unknown)}; "
-                             f"known keys are: {', '.join(sorted(known))}")
+        check_known_keys(cls, values, "momentum", source)
         config = cls(**values)
         if config.mode not in MODES:
             raise InputError(f"{source}: momentum 'mode' must be one of {', '.join(MODES)} "

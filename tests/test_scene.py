@@ -341,3 +341,15 @@ def test_interrupted_synthetic_run_leaves_no_scene_json(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
     with pytest.raises(InputError, match="scene.json"):
         load_scene(out)
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from mgs.atomic import write_text
+
+    write_text(tmp_path / "out.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o666 & ~umask
