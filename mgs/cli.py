@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
     os.environ.setdefault("NUMBA_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
-from mgs.config import yaml_section
+from mgs.config import check_known_keys, yaml_section
 from mgs.errors import MgsError
 
 log = logging.getLogger("mgs")
@@ -53,11 +53,8 @@ def _run_synth(args) -> None:
     from mgs.synthetic import SyntheticConfig, make_synthetic_scene
 
     values = yaml_section(args.config, "synthetic") if args.config else {}
+    check_known_keys(SyntheticConfig, values, "synthetic", args.config)
     names = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise MgsError(f"{args.config}: unknown synthetic key(s) {', '.join(unknown)}; "
-                       f"known: {', '.join(sorted(names))}")
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     scene = make_synthetic_scene(args.out, SyntheticConfig(**values))
     log.info("wrote %s: %d views (%d test), %d points", args.out, len(scene.cameras),
@@ -112,11 +109,7 @@ def _run_sfm(args) -> None:
     from mgs.sfm import SfmConfig, run_sfm
 
     values = yaml_section(args.config, "sfm") if args.config else {}
-    names = {f.name for f in dataclasses.fields(SfmConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise MgsError(f"{args.config}: unknown sfm key(s) {', '.join(unknown)}; "
-                       f"known: {', '.join(sorted(names))}")
+    check_known_keys(SfmConfig, values, "sfm", args.config)
     for key in ("matching", "min_registered", "max_image_size", "max_features", "threads"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

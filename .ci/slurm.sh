@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# Real SLURM in CI: a one-node cluster with two fake GPUs, the CI-sized scene through
+#   snakemake --profile profiles/slurm --profile .ci/slurm-profile --configfile config/ci.yaml
+# Checks that the block jobs went through sbatch with --gpus=1, that 4 blocks ran on the 2 GPU
+# slots, and that a block job cancelled with scancel is retried and the workflow completes.
+# Needs root and apt (Debian/Ubuntu). Uses VENV (default .venv) for snakemake and mgs.
+# Everything else lives in a temporary folder; the daemons are stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+VENV=${VENV:-.venv}
+if [ -x "$VENV/bin/snakemake" ]; then
+    export PATH="$(cd "$VENV/bin" && pwd):$PATH"
+fi
+command -v snakemake >/dev/null && command -v mgs >/dev/null ||
+    { echo "slurm.sh: snakemake and mgs not found (set VENV)" >&2; exit 2; }
+start=$(date +%s)
+
+# ------------------------------------------------------------------ packages
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq slurm-wlm munge >/dev/null
+fi
+
+# ------------------------------------------------------------------ cluster
+WORK=$(mktemp -d /tmp/mgs-slurm.XXXXXX)
+RUN=$(mktemp -d /tmp/mgs-slurm-run.XXXXXX) # the workflow copy the jobs run in
+HOST=$(hostname -s)
+# The configuration must be at the default place: the plugin's job steps call srun with every
+# SLURM_* variable removed (SLURM_CONF included). An existing one is put back on exit.
+CONF_DIR=/etc/slurm
+export SLURM_CONF=$CONF_DIR/slurm.conf
+mkdir -p "$CONF_DIR" "$WORK/saved" "$WORK/state" "$WORK/spool" "$WORK/munge"
+for name in slurm.conf gres.conf; do
+    if [ -e "$CONF_DIR/$name" ]; then cp -p "$CONF_DIR/$name" "$WORK/saved/$name"; fi
+done
+
+stop() {
+    local rc=$?
+    set +e
+    if [ -n "${WATCH_PID:-}" ]; then kill "$WATCH_PID" 2>/dev/null; fi
+    scancel --quiet --user="$(id -un)" 2>/dev/null
+    for pidfile in "$WORK/slurmd.pid" "$WORK/slurmctld.pid" "$WORK/munge/munged.pid"; do
+        if [ -s "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null; fi
+    done
+    sleep 1
+    for name in slurm.conf gres.conf; do
+        rm -f "$CONF_DIR/$name"
+        if [ -e "$WORK/saved/$name" ]; then cp -p "$WORK/saved/$name" "$CONF_DIR/$name"; fi
+    done
+    if [ "$rc" -ne 0 ]; then
+        echo "---- slurmctld.log (tail)"
+        tail -n 30 "$WORK/slurmctld.log" 2>/dev/null
+        echo "---- snakemake log (tail)"
+        grep -v '^sbatch call\|^General args' "$WORK/snakemake.log" 2>/dev/null | tail -n 40
+        for log in $(ls -t "$RUN"/.snakemake/slurm_logs/*/*/*.log 2>/dev/null | head -n 2); do
+            echo "---- $log (tail)"
+            tail -n 20 "$log"
+        done
+    fi
+    if [ -n "${KEEP:-}" ]; then echo "kept $WORK and $RUN"; else rm -rf "$WORK" "$RUN"; fi
+    exit "$rc"
+}
+trap stop EXIT
+
+# munge with its own key and socket (no system service touched)
+dd if=/dev/urandom of="$WORK/munge/munge.key" bs=1024 count=1 status=none
+chmod 700 "$WORK/munge"
+chmod 400 "$WORK/munge/munge.key"
+munged --force --key-file="$WORK/munge/munge.key" --socket="$WORK/munge/munge.socket" \
+    --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/munge/munged.log" \
+    --seed-file="$WORK/munge/munged.seed"
+
+mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
+cat >"$SLURM_CONF" <<EOF
+ClusterName=mgsci
+SlurmctldHost=$HOST
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$WORK/munge/munge.socket
+SlurmctldPort=16817
+SlurmdPort=16818
+StateSaveLocation=$WORK/state
+SlurmdSpoolDir=$WORK/spool
+SlurmctldPidFile=$WORK/slurmctld.pid
+SlurmdPidFile=$WORK/slurmd.pid
+SlurmctldLogFile=$WORK/slurmctld.log
+SlurmdLogFile=$WORK/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MinJobAge=600
+ReturnToService=2
+MpiDefault=none
+GresTypes=gpu
+# the profile asks up to 64 GB; memory is not a consumable here, so accept the node as declared
+SlurmdParameters=config_overrides
+NodeName=$HOST CPUs=2 RealMemory=$((mem_mb > 64000 ? mem_mb : 64000)) Gres=gpu:2 State=UNKNOWN
+# the partition names of profiles/slurm, both on this node
+PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$HOST MaxTime=INFINITE State=UP
+EOF
+cat >"$CONF_DIR/gres.conf" <<EOF
+AutoDetect=off
+NodeName=$HOST Name=gpu File=/dev/null
+NodeName=$HOST Name=gpu File=/dev/zero
+EOF
+slurmctld
+slurmd
+for _ in $(seq 60); do
+    state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null | head -n 1)
+    [ "$state" = idle ] && break
+    sleep 1
+done
+[ "$state" = idle ] || { echo "slurm.sh: node state '$state', not idle" >&2; exit 1; }
+echo "SLURM up: node $HOST, 2 CPUs, gres $(sinfo -h -o %G | head -n 1), partitions $(sinfo -h -o %P | tr '\n' ' ')"
+
+# ------------------------------------------------------------------ workflow
+cp -r Snakefile workflow config profiles envs .ci "$RUN/"
+cd "$RUN"
+
+# Cancel one block job once it has written an in-job checkpoint: the workflow must retry it.
+watch_and_cancel() {
+    set +e +o pipefail
+    for _ in $(seq 600); do
+        squeue -h -t RUNNING -o '%i %k' 2>/dev/null | grep rule_train_block_ | head -n 1 |
+            while read -r id comment; do
+                round=$(echo "$comment" | awk -F_ '{print $(NF-1)}')
+                block=$(echo "$comment" | awk -F_ '{print $NF}')
+                for _ in $(seq 120); do
+                    if [ -e "results/ci/rounds/$round/block_$block.partial.pt" ]; then
+                        scancel "$id" && echo "$id round $round block $block" >"$WORK/cancelled"
+                        exit 0
+                    fi
+                    sleep 0.5
+                done
+            done
+        [ -s "$WORK/cancelled" ] && return 0
+        sleep 1
+    done
+}
+watch_and_cancel &
+WATCH_PID=$!
+
+wf_start=$(date +%s)
+snakemake --profile profiles/slurm --profile .ci/slurm-profile --configfile config/ci.yaml \
+    --verbose >"$WORK/snakemake.log" 2>&1
+wf_wall=$(($(date +%s) - wf_start))
+wait "$WATCH_PID" || true
+WATCH_PID=
+
+# ------------------------------------------------------------------ checks
+fail() { echo "slurm.sh: FAIL: $*" >&2; exit 1; }
+test -s results/ci/eval/metrics.json || fail "no results/ci/eval/metrics.json"
+test -s results/report/report.html || fail "no report"
+
+sbatch_lines=$(grep -E '^sbatch call: sbatch ' "$WORK/snakemake.log" || true)
+n_sbatch=$(printf '%s\n' "$sbatch_lines" | grep -c . || true)
+gpu_lines=$(printf '%s\n' "$sbatch_lines" | grep -- '--gpus=1' || true)
+n_gpu=$(printf '%s\n' "$gpu_lines" | grep -c . || true)
+n_block=$(printf '%s\n' "$gpu_lines" | grep -c 'rule_train_block_' || true)
+n_final=$(printf '%s\n' "$gpu_lines" | grep -c 'rule_finalize_block_' || true)
+submitted=$(grep -c '_slurm_rpc_submit_batch_job' "$WORK/slurmctld.log" || true)
+
+# Completed jobs stay in slurmctld for MinJobAge (600 s): when each GPU job ran.
+scontrol -o show job >"$WORK/jobs.txt"
+gpu_jobs=$(grep -E 'Comment=rule_(train|finalize)_block_' "$WORK/jobs.txt" || true)
+# most block jobs running at the same time, from their start and end times
+overlap=$(printf '%s\n' "$gpu_jobs" | grep -o 'StartTime=[^ ]* EndTime=[^ ]*' |
+    sed 's/StartTime=//; s/EndTime=//' |
+    while read -r s e; do
+        echo "$(date -d "$s" +%s) 1"
+        echo "$(date -d "$e" +%s) -1"
+    done | sort -k1,1n -k2,2n | awk '{c += $2; if (c > m) m = c} END {print m + 0}')
+# the GPU SLURM gave each block job (the job step logs its environment with --verbose)
+gpu_slots=$(grep -ho "'CUDA_VISIBLE_DEVICES': '[0-9,]*'" \
+    .snakemake/slurm_logs/rule_train_block/*/*.log \
+    .snakemake/slurm_logs/rule_finalize_block/*/*.log 2>/dev/null |
+    sed "s/'CUDA_VISIBLE_DEVICES': //; s/'//g" | sort | uniq -c |
+    awk '{printf "GPU %s: %d jobs; ", $2, $1}')
+n_slots=$(printf '%s' "$gpu_slots" | grep -o 'GPU [0-9]*:' | sort -u | grep -c . || true)
+
+echo "==== SLURM CI"
+echo "sbatch submissions: $n_sbatch (snakemake log); accepted by slurmctld: $submitted"
+echo "GPU submissions (--gpus=1): $n_gpu (train_block $n_block, finalize_block $n_final)"
+echo "GPU sbatch lines (options before --wrap):"
+printf '%s\n' "$gpu_lines" | sed 's/^sbatch call: //; s/ --wrap=.*//; s/--job-name [^ ]* //;
+    s/--output [^ ]* //; s/ -D [^ ]*//; s/  */ /g' | sed 's/^/  /'
+echo "block jobs per GPU: ${gpu_slots:-none}most block jobs at once: $overlap"
+if [ -s "$WORK/cancelled" ]; then
+    echo "scancel: job $(cat "$WORK/cancelled") cancelled; retried and completed"
+fi
+echo "workflow wall time: ${wf_wall} s"
+
+blocks=$(python3 -c 'import json; print(len(json.load(open("results/ci/partition/partition.json"))["blocks"]))')
+rounds=2
+[ "$blocks" -eq 4 ] || fail "expected 4 blocks, got $blocks"
+[ "$n_block" -ge $((blocks * rounds)) ] || fail "only $n_block train_block jobs with --gpus=1"
+[ "$n_final" -ge "$blocks" ] || fail "only $n_final finalize_block jobs with --gpus=1"
+[ "$overlap" -eq 2 ] || fail "expected 2 GPU jobs at once on 2 GPUs, saw $overlap"
+[ "$n_slots" -eq 2 ] || fail "expected block jobs on both GPUs, got: $gpu_slots"
+[ -s "$WORK/cancelled" ] || fail "no block job was cancelled"
+[ "$n_block" -eq $((blocks * rounds + 1)) ] ||
+    fail "expected $((blocks * rounds)) block submissions + 1 retry, got $n_block"
+grep -q 'resuming block_' results/ci/logs/train_block/round_*/block_*.log ||
+    echo "note: the retried block did not find an in-job checkpoint to resume from"
+echo "SLURM CI passed in $(($(date +%s) - start)) s"

@@ -1,0 +1,277 @@
+"""The Snakemake workflow: config checks, and real runs of the CI-sized scene (config/ci.yaml) in a
+temporary copy of the workflow: a whole run, a partial rerun of one block, and a run killed while
+a block trains then resumed with --rerun-incomplete."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mgs.checkpoint import load_checkpoint
+from mgs.config import TrainConfig
+from mgs.momentum import MomentumConfig
+from mgs.partition import PartitionConfig
+from mgs.sfm import SfmConfig
+from mgs.synthetic import SyntheticConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+SECTIONS = {"synthetic": SyntheticConfig, "sfm": SfmConfig, "partition": PartitionConfig,
+            "train": TrainConfig, "momentum": MomentumConfig}
+SCENE = "ci"
+RUN = Path("results") / SCENE
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
+    return dest
+
+
+def snakemake_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", *args]
+
+
+def job_env() -> dict[str, str]:
+    """The jobs call `mgs`: the interpreter's bin folder goes first on PATH."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(snakemake_command(*args), cwd=workdir, env=job_env(),
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def snapshot(root: Path, pattern: str) -> dict[str, tuple[int, bytes]]:
+    """mtime and bytes of every file matching `pattern` under `root`."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(root.glob(pattern)) if p.is_file()}
+
+
+# ------------------------------------------------------------------ schema
+
+
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_schema_matches_dataclass_fields_and_defaults(section):
+    """Every dataclass field is in the schema with the same default, and nothing else is."""
+    properties = schema()["$defs"][section]["properties"]
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    assert set(properties) == set(fields), (
+        f"schema section {section!r} vs {SECTIONS[section].__name__}: "
+        f"only in schema {sorted(set(properties) - set(fields))}, "
+        f"only in dataclass {sorted(set(fields) - set(properties))}")
+    for name, field in fields.items():
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        assert properties[name].get("default") == default, f"{section}.{name} default"
+        assert properties[name].get("description"), f"{section}.{name} is undocumented"
+
+
+def test_schema_validates_the_shipped_configs():
+    from snakemake.utils import validate
+
+    for path in [REPO / "config" / "config.yaml", REPO / "config" / "ci.yaml"]:
+        config = yaml.safe_load(path.read_text())
+        validate(config, str(SCHEMA))
+        scene = next(iter(config["scenes"].values()))
+        assert scene["train"]["feat_dim"] == 32  # defaults were filled in
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "config" / "scenes").glob("*.yaml")))
+def test_schema_validates_paper_presets(preset):
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((REPO / "config" / "scenes" / preset).read_text())
+    validate(config, str(SCHEMA))
+
+
+BAD_CONFIGS = {
+    "unknown key": ({"train": {"iteratons": 10}}, ["scenes.ci.train", "iteratons"]),
+    "negative rounds": ({"momentum": {"rounds": -1}}, ["scenes.ci.momentum.rounds", "-1"]),
+    "block_dim of length 2": ({"partition": {"block_dim": [2, 2]}},
+                              ["scenes.ci.partition.block_dim", "too short"]),
+    "unknown scene key": ({"matching": "exhaustive"}, ["scenes.ci", "matching"]),
+}
+
+
+@pytest.fixture(scope="module")
+def dry_workflow(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("dry"))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_config_errors_are_rejected_before_any_job(dry_workflow, case):
+    override, expected = BAD_CONFIGS[case]
+    config = yaml.safe_load((dry_workflow / "config" / "ci.yaml").read_text())
+    scene = config["scenes"][SCENE]
+    for key, value in override.items():
+        if isinstance(value, dict):
+            scene.setdefault(key, {}).update(value)
+        else:
+            scene[key] = value
+    bad = dry_workflow / f"bad-{case.replace(' ', '-')}.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = snakemake(dry_workflow, "--dry-run", f"--configfile={bad}", check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    for text in expected:
+        assert text in message, f"{text!r} not in:\n{message[-2000:]}"
+    assert not (dry_workflow / "results").exists()
+
+
+def test_dry_run_of_the_demo_plans_its_jobs(dry_workflow):
+    result = snakemake(dry_workflow, "--dry-run", "--cores", "2")
+    out = result.stdout + result.stderr
+    for rule in ("configure", "scene_synthetic", "partition", "evaluate", "report"):
+        assert rule in out
+    # the block jobs appear once the partition checkpoint has run
+    assert "checkpoint" in out
+
+
+# ------------------------------------------------------------------ real runs
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    """The CI scene run to completion once; the tests below rerun parts of it."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("wf"))
+    snakemake(workdir, "--cores", "2", f"--configfile={workdir / 'config' / 'ci.yaml'}")
+    return workdir
+
+
+def configfile(workdir: Path) -> str:
+    return f"--configfile={workdir / 'config' / 'ci.yaml'}"
+
+
+@pytest.mark.slow
+def test_full_run_writes_every_stage(ci_run):
+    run = ci_run / RUN
+    for path in ["config.yaml", "scene/scene.json", "partition/partition.json",
+                 "rounds/2/shared.pt", "rounds/2/sync.tsv", "model/decoder.pt",
+                 "model/anchors.ply", "model/splats.ply", "eval/metrics.json",
+                 "eval/per_view.csv"]:
+        assert (run / path).is_file(), path
+    blocks = sorted((run / "final").glob("block_*.pt"))
+    assert len(blocks) == 4
+    for path in blocks + sorted((run / "rounds").glob("*/block_*.pt")):
+        load_checkpoint(path)  # complete and readable
+    assert not list(run.rglob("*.partial.pt"))
+    assert (ci_run / "results" / "report" / "report.html").is_file()
+    # every rule left a benchmark and a log
+    assert len(list((run / "benchmarks").rglob("*.tsv"))) >= 20
+    # nothing left to do, and an unchanged config rewrites nothing
+    before = (run / "config.yaml").stat().st_mtime_ns
+    result = snakemake(ci_run, "--dry-run", configfile(ci_run))
+    assert "Nothing to be done" in result.stdout + result.stderr
+    assert (run / "config.yaml").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_rerun_of_one_block_touches_only_that_block(ci_run):
+    run = ci_run / RUN
+    untouched = {**snapshot(run, "rounds/**/*"), **snapshot(run, "final/block_[013].pt"),
+                 **snapshot(run, "scene/**/*"), **snapshot(run, "partition/*")}
+    rewritten = snapshot(run, "final/block_2.pt") | snapshot(run, "model/*") \
+        | snapshot(run, "eval/metrics.json")
+    report = snapshot(ci_run, "results/report/report.html")
+    time.sleep(0.01)
+    result = snakemake(ci_run, "--cores", "2", configfile(ci_run), "-R", str(RUN / "final/block_2.pt"))
+    log = result.stdout + result.stderr
+    assert "rule finalize_block" in log and "train_block" not in log and "rule sync" not in log
+    assert {**snapshot(run, "rounds/**/*"), **snapshot(run, "final/block_[013].pt"),
+            **snapshot(run, "scene/**/*"), **snapshot(run, "partition/*")} == untouched
+    after = snapshot(run, "final/block_2.pt") | snapshot(run, "model/*") \
+        | snapshot(run, "eval/metrics.json")
+    for path, (mtime, _) in rewritten.items():
+        assert after[path][0] > mtime, f"{path} was not rewritten"
+    assert snapshot(ci_run, "results/report/report.html") != report
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_rerun_incomplete(ci_run):
+    """A run killed (SIGKILL to snakemake's process group) while a block trains round 2; the next
+    run with --rerun-incomplete redoes that job from its in-job checkpoint and what follows it,
+    nothing that had finished."""
+    run = ci_run / RUN
+    # back to the state of a first run that got as far as round 1
+    for path in ["rounds/2", "final", "model", "eval"]:
+        shutil.rmtree(run / path)
+    shutil.rmtree(ci_run / "results" / "report")
+    earlier = {**snapshot(run, "rounds/0/*"), **snapshot(run, "rounds/1/*")}
+    process = subprocess.Popen(snakemake_command("--cores", "1", configfile(ci_run)),
+                               cwd=ci_run, env=job_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((run / "rounds" / "2").glob("block_*.partial.pt")):
+            assert process.poll() is None, "snakemake ended before a block job checkpointed"
+            assert time.monotonic() < deadline, "no in-job checkpoint within 240 s"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    killed = [p.name.replace(".partial", "") for p in (run / "rounds" / "2").glob("*.partial.pt")]
+    assert killed
+    for name in killed:  # killed before its atomic write: nothing that looks complete
+        assert not (run / "rounds" / "2" / name).exists()
+    finished = {k: v for k, v in snapshot(run, "rounds/2/block_*.pt").items() if ".partial" not in k}
+
+    snakemake(ci_run, "--unlock", configfile(ci_run))  # the killed run's lock
+    result = snakemake(ci_run, "--cores", "2", "--rerun-incomplete", configfile(ci_run))
+    log = result.stdout + result.stderr
+    assert log.count("rule train_block:") == 4 - len(finished)  # only round 2's unfinished blocks
+    for name in killed:
+        block_log = run / "logs" / "train_block" / "round_2" / name.replace(".pt", ".log")
+        assert f"resuming {name}" in block_log.read_text()
+    assert {**snapshot(run, "rounds/0/*"), **snapshot(run, "rounds/1/*")} == earlier
+    assert {k: v for k, v in snapshot(run, "rounds/2/block_*.pt").items() if k in finished} \
+        == finished
+    assert not list(run.rglob("*.partial.pt"))
+    for path in sorted((run / "final").glob("block_*.pt")) + sorted(run.glob("rounds/2/*.pt")):
+        load_checkpoint(path)
+    assert (run / "eval" / "metrics.json").is_file()
+    assert (ci_run / "results" / "report" / "report.html").is_file()
+    result = snakemake(ci_run, "--dry-run", configfile(ci_run))
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_configure_writes_a_flat_config_only_when_it_changes(tmp_path):
+    from mgs.cli import main
+
+    workflow_config = tmp_path / "workflow.yaml"
+    workflow_config.write_text(yaml.safe_dump({"scenes": {"x": {
+        "partition": {"block_dim": [2, 1, 1], "margin": float("inf")},
+        "momentum": {"rounds": 3}}}}))
+    out = tmp_path / "run" / "config.yaml"
+    assert main(["configure", "--config", str(workflow_config), "--scene", "x",
+                 "--out", str(out)]) == 0
+    flat = yaml.safe_load(out.read_text())
+    assert set(flat) == {"scene", "synthetic", "sfm", "partition", "train", "momentum", "paper"}
+    assert flat["momentum"]["rounds"] == 3 and flat["train"]["feat_dim"] == 32
+    assert flat["partition"]["margin"] == float("inf")
+    before = out.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert main(["configure", "--config", str(workflow_config), "--scene", "x",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_mtime_ns == before  # same content: not rewritten
+    # the dataclasses' own checks run too (ssim assignment needs a coarse model)
+    assert main(["configure", "--settings", '{"partition": {"assignment": "ssim"}}',
+                 "--out", str(tmp_path / "bad.yaml")]) == 2
+    assert not (tmp_path / "bad.yaml").exists()

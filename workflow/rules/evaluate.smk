@@ -1,0 +1,31 @@
+# Test views of the merged model: PSNR, SSIM, LPIPS (raw and colour-corrected), renders.
+
+
+rule evaluate:
+    input:
+        config=ancient("results/{scene}/config.yaml"),
+        decoder="results/{scene}/model/decoder.pt",
+        anchors="results/{scene}/model/anchors.ply",
+    output:
+        metrics=report(
+            "results/{scene}/eval/metrics.json",
+            caption="../report/metrics.rst",
+            category="Metrics",
+            labels={"scene": "{scene}", "file": "metrics.json"},
+        ),
+        per_view="results/{scene}/eval/per_view.csv",
+    log:
+        "results/{scene}/logs/evaluate.log",
+    benchmark:
+        "results/{scene}/benchmarks/evaluate.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        run=subpath(input.config, parent=True),
+        settings=stage_trigger("final"),
+    shell:
+        "mgs evaluate --run {params.run} > {log} 2>&1"

@@ -1,0 +1,25 @@
+# The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply.
+
+
+rule merge:
+    input:
+        unpack(merge_input),
+        config=ancient("results/{scene}/config.yaml"),
+    output:
+        decoder="results/{scene}/model/decoder.pt",
+        anchors="results/{scene}/model/anchors.ply",
+        splats="results/{scene}/model/splats.ply",
+    log:
+        "results/{scene}/logs/merge.log",
+    benchmark:
+        "results/{scene}/benchmarks/merge.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        run=subpath(input.config, parent=True),
+        settings=stage_trigger("final"),
+    shell:
+        "mgs merge --run {params.run} > {log} 2>&1"

@@ -1,0 +1,57 @@
+# Blocks: a checkpoint, since cells with too few cameras are merged into a neighbour (the block
+# set is known only once partition.json exists).
+
+
+rule coarse:
+    input:
+        config=ancient("results/{scene}/config.yaml"),
+        scene="results/{scene}/scene/scene.json",
+    output:
+        "results/{scene}/coarse/checkpoint.pt",
+    log:
+        "results/{scene}/logs/coarse.log",
+    benchmark:
+        "results/{scene}/benchmarks/coarse.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        scene=subpath(input.scene, parent=True),
+        out=subpath(output[0], parent=True),
+        steps=coarse_steps,
+        settings=stage_trigger("coarse"),
+    shell:
+        "mgs train --scene {params.scene} --out {params.out} --config {input.config} "
+        "--iterations {params.steps} > {log} 2>&1"
+
+
+checkpoint partition:
+    input:
+        unpack(partition_input),
+    output:
+        json="results/{scene}/partition/partition.json",
+        tsv="results/{scene}/partition/partition.tsv",
+        png=report(
+            "results/{scene}/partition/partition.png",
+            caption="../report/partition.rst",
+            category="Partition",
+            labels={"scene": "{scene}"},
+        ),
+    log:
+        "results/{scene}/logs/partition.log",
+    benchmark:
+        "results/{scene}/benchmarks/partition.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    resources:
+        gpu=partition_gpus,
+    params:
+        scene=subpath(input.scene, parent=True),
+        out=subpath(output.json, parent=True),
+        settings=stage_trigger("partition"),
+    shell:
+        "mgs partition --scene {params.scene} --out {params.out} --config {input.config} "
+        "> {log} 2>&1"

@@ -1,0 +1,26 @@
+# One report over every scene of this run: tables beside the paper's numbers, plots, renders.
+
+
+rule report:
+    input:
+        report_input,
+    output:
+        html=report(
+            "results/report/report.html",
+            caption="../report/report.rst",
+            category="Report",
+            labels={"file": "report.html"},
+        ),
+        markdown="results/report/report.md",
+    log:
+        "results/report/report.log",
+    benchmark:
+        "results/report/benchmark.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    params:
+        results=subpath(output.html, ancestor=2),
+        out=subpath(output.html, parent=True),
+        settings=report_settings,
+    shell:
+        "mgs report --results {params.results} --out {params.out} > {log} 2>&1"

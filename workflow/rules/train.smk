@@ -1,0 +1,94 @@
+# Momentum-GS rounds: init (round 0) -> for r in 1..R: train_block per block -> sync -> after R:
+# finalize_block per block. Every job reads only the previous round's files.
+
+
+rule init:
+    input:
+        config=ancient("results/{scene}/config.yaml"),
+        scene="results/{scene}/scene/scene.json",
+        partition="results/{scene}/partition/partition.json",
+    output:
+        directory("results/{scene}/rounds/0"),
+    log:
+        "results/{scene}/logs/init.log",
+    benchmark:
+        "results/{scene}/benchmarks/init.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    params:
+        run=subpath(input.config, parent=True),
+        settings=stage_trigger("blocks"),
+    shell:
+        "mgs init --run {params.run} > {log} 2>&1"
+
+
+rule train_block:
+    input:
+        unpack(train_block_input),
+        config=ancient("results/{scene}/config.yaml"),
+    output:
+        "results/{scene}/rounds/{r}/block_{b}.pt",
+    log:
+        "results/{scene}/logs/train_block/round_{r}/block_{b}.log",
+    benchmark:
+        "results/{scene}/benchmarks/train_block/round_{r}/block_{b}.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=60,
+    params:
+        run=subpath(input.config, parent=True),
+        settings=stage_trigger("blocks"),
+    shell:
+        "mgs train-block --run {params.run} --round {wildcards.r} --block {wildcards.b} "
+        "> {log} 2>&1"
+
+
+rule sync:
+    input:
+        unpack(sync_input),
+        config=ancient("results/{scene}/config.yaml"),
+    output:
+        shared="results/{scene}/rounds/{r}/shared.pt",
+        table="results/{scene}/rounds/{r}/sync.tsv",
+    log:
+        "results/{scene}/logs/sync/round_{r}.log",
+    benchmark:
+        "results/{scene}/benchmarks/sync/round_{r}.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    params:
+        run=subpath(input.config, parent=True),
+        settings=stage_trigger("blocks"),
+    shell:
+        "mgs sync --run {params.run} --round {wildcards.r} > {log} 2>&1"
+
+
+rule finalize_block:
+    input:
+        unpack(finalize_input),
+        config=ancient("results/{scene}/config.yaml"),
+    output:
+        "results/{scene}/final/block_{b}.pt",
+    log:
+        "results/{scene}/logs/finalize_block/block_{b}.log",
+    benchmark:
+        "results/{scene}/benchmarks/finalize_block/block_{b}.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=60,
+    params:
+        run=subpath(input.config, parent=True),
+        settings=stage_trigger("final"),
+    shell:
+        "mgs finalize-block --run {params.run} --block {wildcards.b} > {log} 2>&1"
