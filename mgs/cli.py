@@ -153,11 +153,7 @@ def _flat_config(settings: dict, source: str) -> dict:
         raise MgsError(f"{source}: unknown scene key(s) {', '.join(unknown)}; known: "
                        f"{', '.join(SCENE_KEYS)}, synthetic, sfm, partition, train, momentum, paper")
     for name, cls in (("synthetic", SyntheticConfig), ("sfm", SfmConfig)):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(sections[name]) - names)
-        if unknown:
-            raise MgsError(f"{source}: unknown {name} key(s) {', '.join(unknown)}; "
-                           f"known: {', '.join(sorted(names))}")
+        check_known_keys(cls, sections[name], name, source)
         config = cls(**sections[name])
         config.validate()
         sections[name] = dataclasses.asdict(config)
