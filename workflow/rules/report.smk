@@ -12,6 +12,30 @@ rule report:
             labels={"file": "report.html"},
         ),
         markdown="results/report/report.md",
+        results=report(
+            "results/report/results.csv",
+            caption="../report/results_table.rst",
+            category="Tables",
+            labels={"table": "metrics"},
+        ),
+        paper=report(
+            "results/report/paper.csv",
+            caption="../report/paper_table.rst",
+            category="Tables",
+            labels={"table": "ours vs paper"},
+        ),
+        ablation=report(
+            "results/report/ablation.csv",
+            caption="../report/ablation_table.rst",
+            category="Tables",
+            labels={"table": "ablation"},
+        ),
+        blocks=report(
+            "results/report/blocks.csv",
+            caption="../report/blocks_table.rst",
+            category="Tables",
+            labels={"table": "blocks"},
+        ),
     log:
         "results/report/report.log",
     benchmark:
