@@ -55,9 +55,7 @@ def bench_metrics(repeats: int) -> None:
 
 def make_demo_run(work: Path) -> Path:
     """The default demo's scene and partition, trained a few steps per block."""
-    from mgs.atomic import write_tsv
-    from mgs.blocks import Run, finalize_block, init_blocks, sync_round, train_block
-    from mgs.merge import merge_blocks
+    from mgs.blocks import Run, train_all
     from mgs.partition import PartitionConfig, partition_scene
     from mgs.synthetic import SyntheticConfig, make_synthetic_scene
 
@@ -79,14 +77,7 @@ def make_demo_run(work: Path) -> Path:
     (root / "config.yaml").write_text(yaml.safe_dump({"train": train, "momentum": momentum}))
     partition_scene(root / "scene", root / "partition", PartitionConfig(block_dim=[2, 2, 1]))
     run = Run.open(root)
-    n = init_blocks(run)
-    for r in (1, 2):
-        for b in range(n):
-            train_block(run, r, b)
-        write_tsv(run.shared_path(r).with_name("sync.tsv"), sync_round(run, r))
-    for b in range(n):
-        finalize_block(run, b)
-    merge_blocks(run, root / "model")
+    train_all(run)
     return root
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mgs.atomic import write_tsv
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig, yaml_section
 from mgs.errors import InputError
@@ -195,7 +196,8 @@ def train_block(run: Run, round_index: int, block: int, stop_after: int | None =
 
 
 def sync_round(run: Run, round_index: int) -> list[dict]:
-    """Average the students, update the teacher and the block weights; returns TSV rows."""
+    """Average the students, update the teacher and the block weights; writes shared.pt and
+    sync.tsv of round r and returns the TSV rows."""
     momentum = run.momentum
     previous = run.load(run.shared_path(round_index - 1))
     n = len(previous["weights"])
@@ -222,6 +224,7 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     rows = [{"round": round_index, "block": b, "psnr": blocks[b]["val_psnr"],
              "ssim": blocks[b]["val_ssim"], "psnr_ema": psnr_ema[b], "ssim_ema": ssim_ema[b],
              "weight": weights[b]} for b in range(n)]
+    write_tsv(run.shared_path(round_index).with_name("sync.tsv"), rows)
     for row in rows:
         log.info("round %d block %d: PSNR %.2f SSIM %.4f weight %.4f", round_index, row["block"],
                  row["psnr"], row["ssim"], row["weight"])
@@ -236,3 +239,18 @@ def finalize_block(run: Run, block: int, stop_after: int | None = None) -> dict:
     until = int(source["step"]) + run.momentum.final_iterations
     return _train_round(run, block, last + 1, source, shared, run.final_path(block), until,
                         stop_after, f"finalize block {block}", finalize=True)
+
+
+def train_all(run: Run, model_dir: str | Path | None = None) -> None:
+    """The whole block pipeline in this process (init, rounds with syncs, finalize, merge), in
+    the order the workflow runs its jobs; for scripts and tests without Snakemake."""
+    from mgs.merge import merge_blocks
+
+    n = init_blocks(run)
+    for r in range(1, run.momentum.rounds + 1):
+        for b in range(n):
+            train_block(run, r, b)
+        sync_round(run, r)
+    for b in range(n):
+        finalize_block(run, b)
+    merge_blocks(run, model_dir or run.root / "model")

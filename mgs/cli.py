@@ -273,11 +273,9 @@ def _run_train_block(args) -> None:
 
 
 def _run_sync(args) -> None:
-    from mgs.atomic import write_tsv
     from mgs.blocks import sync_round
 
-    run = _open_run(args)
-    write_tsv(run.shared_path(args.round).with_name("sync.tsv"), sync_round(run, args.round))
+    sync_round(_open_run(args), args.round)
 
 
 def _run_finalize(args) -> None:

@@ -13,14 +13,12 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from mgs.atomic import write_tsv
-from mgs.blocks import Run, finalize_block, init_blocks, sync_round, train_block
+from mgs.blocks import Run, train_all
 from mgs.cli import main
 from mgs.color_correct import _design, color_correct
 from mgs.errors import InputError
 from mgs.evaluate import ALL_METRICS, evaluate_run
 from mgs.lpips import LPIPS, lpips
-from mgs.merge import merge_blocks
 from mgs.partition import PartitionConfig, partition_scene
 from mgs.report import make_report
 
@@ -40,14 +38,7 @@ def evaluated_run(tiny_scene, tmp_path_factory):
     partition_scene(root / "scene", root / "partition",
                     PartitionConfig(block_dim=[2, 1, 1], assignment="center", min_cameras=2))
     run = Run.open(root)
-    n = init_blocks(run)
-    for r in (1, 2):
-        for b in range(n):
-            train_block(run, r, b)
-        write_tsv(run.shared_path(r).with_name("sync.tsv"), sync_round(run, r))
-    for b in range(n):
-        finalize_block(run, b)
-    merge_blocks(run, root / "model")
+    train_all(run)
     return run, evaluate_run(root, warmup=1)
 
 
