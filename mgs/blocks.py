@@ -21,11 +21,12 @@ from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig, yaml_section
 from mgs.errors import InputError
 from mgs.model import Anchors, Decoder
-from mgs.momentum import (MomentumConfig, block_weights, ema_update, update_metric_ema,
-                          weighted_average)
+from mgs.momentum import (MomentumConfig, block_weights, ema_update, state_distance,
+                          update_metric_ema, weighted_average)
 from mgs.partition import load_partition
 from mgs.scene import load_scene
-from mgs.train import Trainer, load_views, resolve_device, run_training, spatial_lr_scale
+from mgs.train import (Trainer, load_views, new_loss_sums, resolve_device, run_training,
+                       spatial_lr_scale)
 
 log = logging.getLogger("mgs.blocks")
 
@@ -122,28 +123,36 @@ def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_te
     config, momentum = run.train, run.momentum
     train_views = load_views([scene.camera(n) for n in spec.train_cameras], config.resolution,
                              scene.scene_dir, device, f"block {block} images")
-    val_views = load_views([scene.camera(n) for n in spec.validation_cameras], config.resolution,
-                           scene.scene_dir, device, f"block {block} validation images")
+    # validation views are training views too (ALGORITHM.md §4): reuse their tensors
+    by_name = {view.name: view for view in train_views}
+    val_views = [by_name[n] for n in spec.validation_cameras if n in by_name]
+    val_views += load_views([scene.camera(n) for n in spec.validation_cameras
+                             if n not in by_name], config.resolution, scene.scene_dir, device,
+                            f"block {block} validation images")
     decoder = Decoder(config.feat_dim, config.n_offsets)
     teacher = None
     consistency, weight = 0.0, 1.0
     if use_teacher:
         teacher = Decoder(config.feat_dim, config.n_offsets)
-        teacher.load_state_dict(shared["teacher"])
         consistency = momentum.consistency_weight
     if momentum.uses_weighting:
         weight = float(shared["weights"][block])
     trainer = Trainer(Anchors.from_tensors(block_state["anchors"]), decoder, config, train_views,
                       float(block_state["lr_scale"]), device, teacher=teacher,
                       consistency_weight=consistency, loss_weight=weight, stream=block + 1,
-                      freeze_decoder=freeze_decoder)
+                      freeze_decoder=freeze_decoder,
+                      teacher_momentum=momentum.momentum if momentum.step_teacher else None)
     if "optimizer" in block_state:
         trainer.load_state(block_state)
     else:  # round 0: fresh optimizer, stats and RNG
         trainer.decoder.load_state_dict(block_state["decoder"])
-    # every round starts from the averaged student (independent blocks keep their own)
+    trainer.loss_sums = new_loss_sums()
+    # every round starts from the averaged student (independent blocks keep their own) and the
+    # synced teacher
     if momentum.shares_decoder:
         trainer.decoder.load_state_dict(shared["student"])
+    if teacher is not None:
+        trainer.teacher.load_state_dict(shared["teacher"])
     return trainer, val_views
 
 
@@ -159,28 +168,33 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
     if partial_path.exists():
         state = run.load(partial_path)
         log.info("resuming %s from step %d", out_path.name, state["step"])
-    # round 1 has no meaningful teacher yet (the first sync sets it); finalize freezes the decoder
-    use_teacher = run.momentum.uses_teacher and round_index > 1 and not finalize
+    # the step teacher starts equal to the student (consistency from step 1); the round teacher
+    # is the previous sync's, which in round 1 is only the random init. Finalize freezes the decoder.
+    momentum = run.momentum
+    use_teacher = (momentum.uses_teacher and not finalize
+                   and (momentum.step_teacher or round_index > 1))
     trainer, val_views = _block_trainer(run, source, block, shared, use_teacher, device,
                                         freeze_decoder=finalize)
-    history = list(state.get("history", [])) if state is not source else []
     if state is not source:
         trainer.load_state(state)
+        history, start_psnr = list(state.get("history", [])), float(state["val_psnr_start"])
+    else:  # the block's score with the synced decoder, before training: the cost of the sync
+        history, start_psnr = [], trainer.evaluate(val_views)["psnr"]
 
     def save_partial(rows):
         run.save(partial_path, dict(trainer.state(), history=rows, round=round_index,
-                                    block=block))
+                                    block=block, val_psnr_start=start_psnr))
 
     run_training(trainer, until, val_views, history, save_partial, stop_after, desc=desc)
     if trainer.step < until:
         return {}
     metrics = trainer.evaluate(val_views)
     result = dict(trainer.state(), history=history, round=round_index, block=block,
-                  val_psnr=metrics["psnr"], val_ssim=metrics["ssim"])
+                  val_psnr=metrics["psnr"], val_ssim=metrics["ssim"], val_psnr_start=start_psnr)
     run.save(out_path, result)
     partial_path.unlink(missing_ok=True)
-    log.info("block %d %s: validation PSNR %.2f dB, SSIM %.4f, %d anchors", block, desc,
-             metrics["psnr"], metrics["ssim"], trainer.anchors.count)
+    log.info("block %d %s: validation PSNR %.2f dB (%.2f at its start), SSIM %.4f, %d anchors",
+             block, desc, metrics["psnr"], start_psnr, metrics["ssim"], trainer.anchors.count)
     return result
 
 
@@ -196,39 +210,60 @@ def train_block(run: Run, round_index: int, block: int, stop_after: int | None =
 
 
 def sync_round(run: Run, round_index: int) -> list[dict]:
-    """Average the students, update the teacher and the block weights; writes shared.pt and
+    """Average the students and teachers, update the block weights; writes shared.pt and
     sync.tsv of round r and returns the TSV rows."""
     momentum = run.momentum
     previous = run.load(run.shared_path(round_index - 1))
     n = len(previous["weights"])
     blocks = [run.load(run.block_path(round_index, b)) for b in range(n)]
-    psnr_ema = [update_metric_ema(float(previous["psnr_ema"][b]), blocks[b]["val_psnr"],
-                                  momentum.metric_ema) for b in range(n)]
-    ssim_ema = [update_metric_ema(float(previous["ssim_ema"][b]), blocks[b]["val_ssim"],
-                                  momentum.metric_ema) for b in range(n)]
+    decay = momentum.sync_metric_decay
+    psnr_ema = [update_metric_ema(float(previous["psnr_ema"][b]), blocks[b]["val_psnr"], decay)
+                for b in range(n)]
+    ssim_ema = [update_metric_ema(float(previous["ssim_ema"][b]), blocks[b]["val_ssim"], decay)
+                for b in range(n)]
     if momentum.uses_weighting and round_index > momentum.warmup_rounds:
         weights = block_weights(psnr_ema, ssim_ema, momentum.sigma, momentum.ssim_scale)
     else:
         weights = [1.0] * n
-    students = [b["decoder"] for b in blocks]
-    average = weighted_average(students, weights)
-    if round_index == 1 or not momentum.uses_teacher:
-        teacher = average  # a random-init teacher would pull every block toward noise
-    else:
+    average = weighted_average([b["decoder"] for b in blocks], weights)
+    if momentum.step_teacher:  # each block blended its own copy every step
+        teacher = weighted_average([b["teacher"] for b in blocks], weights)
+    elif momentum.uses_teacher and round_index > 1:
         teacher = ema_update(previous["teacher"], average, momentum.momentum)
+    else:  # a random-init round teacher would pull every block toward noise
+        teacher = average
     run.save(run.shared_path(round_index), {
         "round": round_index, "student": average, "teacher": teacher,
         "weights": torch.tensor(weights, dtype=torch.float64),
         "psnr_ema": torch.tensor(psnr_ema, dtype=torch.float64),
-        "ssim_ema": torch.tensor(ssim_ema, dtype=torch.float64)})
-    rows = [{"round": round_index, "block": b, "psnr": blocks[b]["val_psnr"],
-             "ssim": blocks[b]["val_ssim"], "psnr_ema": psnr_ema[b], "ssim_ema": ssim_ema[b],
-             "weight": weights[b]} for b in range(n)]
+        "ssim_ema": torch.tensor(ssim_ema, dtype=torch.float64),
+        "psnr": torch.tensor([b["val_psnr"] for b in blocks], dtype=torch.float64)})
+    last_psnr = previous.get("psnr", torch.full((n,), float("nan")))
+    rows = [_sync_row(round_index, b, blocks[b], last_psnr[b], average, teacher, psnr_ema[b],
+                      ssim_ema[b], weights[b]) for b in range(n)]
     write_tsv(run.shared_path(round_index).with_name("sync.tsv"), rows)
     for row in rows:
-        log.info("round %d block %d: PSNR %.2f SSIM %.4f weight %.4f", round_index, row["block"],
-                 row["psnr"], row["ssim"], row["weight"])
+        log.info("round %d block %d: PSNR %.2f (start %.2f) SSIM %.4f weight %.4f, "
+                 "consistency %.2f of photometric, drift %.3g", round_index, row["block"],
+                 row["psnr"], row["psnr_start"], row["ssim"], row["weight"],
+                 row["consistency_share"], row["student_drift"])
     return rows
+
+
+def _sync_row(round_index: int, b: int, block: dict, previous_psnr: float, average: dict,
+              teacher: dict, psnr_ema: float, ssim_ema: float, weight: float) -> dict:
+    """One block's line of sync.tsv: metrics, weight and the diagnostics of the momentum terms."""
+    sums = block.get("loss_sums") or new_loss_sums()
+    share = sums["consistency"] / sums["photometric"] if sums["photometric"] else 0.0
+    # the block's PSNR after the previous sync, before training, minus its PSNR at the end of
+    # the previous round: what loading that sync's average cost the block
+    sync_cost = block["val_psnr_start"] - float(previous_psnr)
+    return {"round": round_index, "block": b, "psnr": block["val_psnr"],
+            "ssim": block["val_ssim"], "psnr_ema": psnr_ema, "ssim_ema": ssim_ema,
+            "weight": weight, "psnr_start": block["val_psnr_start"],
+            "previous_sync_cost": sync_cost, "consistency_share": share,
+            "student_drift": state_distance(block["decoder"], average),
+            "teacher_gap": state_distance(average, teacher), "anchors": len(block["anchors"]["xyz"])}
 
 
 def finalize_block(run: Run, block: int, stop_after: int | None = None) -> dict:

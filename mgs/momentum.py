@@ -1,9 +1,9 @@
-"""Momentum-GS between-round math: block weights, student averaging, teacher EMA.
+"""Momentum-GS math shared by block jobs and sync: block weights, averaging, EMAs.
 
-Each round every block trains its own copy of the student decoder; the sync averages the copies
-with the block weights (local SGD), blends the average into the momentum teacher, and turns the
-blocks' validation metrics into the next round's weights (ALGORITHM.md §3-§4, DESIGN.md
-"Algorithm decisions").
+Each round every block trains its own copy of the student decoder and, with the default `step`
+teacher, its own copy of the momentum teacher, blended from the student before every step. The
+sync averages students and teachers with the block weights (local SGD) and turns the blocks'
+validation metrics into the next round's weights (ALGORITHM.md §3-§4, DESIGN.md "The teacher").
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mgs.config import check_known_keys
 from mgs.errors import InputError
 
 MODES = ("single", "independent", "shared", "momentum", "full")
+TEACHERS = ("step", "round")
 
 
 @dataclass
@@ -26,12 +27,16 @@ class MomentumConfig:
     rounds: int = 120  # syncs of the shared decoder
     iterations_per_round: int = 500
     final_iterations: int = 0  # anchor-only fine-tuning with the decoder frozen at the last average
-    momentum: float = 0.9  # teacher <- m * teacher + (1 - m) * average, per sync
+    # step: teacher <- m·teacher + (1 - m)·student before every step of a block (official);
+    # round: teacher fixed within a round, teacher <- m·teacher + (1 - m)·average at each sync
+    teacher: str = "step"
+    momentum: float = 0.9
     consistency_weight: float = 50.0
     sigma: float = 10.0  # block-weight width (paper's adaptive sigma)
     ssim_scale: float = 10.0  # SSIM gap is scaled by this before squaring (paper's lambda=100)
     warmup_rounds: int = 1  # weights stay 1 up to and including this round
-    metric_ema: float = 0.9  # smoothing of each block's validation PSNR/SSIM across rounds
+    # per training step, as officially; a sync applies it for the round's steps (sync_metric_decay)
+    metric_ema: float = 0.9
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "MomentumConfig":
@@ -40,6 +45,9 @@ class MomentumConfig:
         if config.mode not in MODES:
             raise InputError(f"{source}: momentum 'mode' must be one of {', '.join(MODES)} "
                              f"(got {config.mode!r})")
+        if config.teacher not in TEACHERS:
+            raise InputError(f"{source}: momentum 'teacher' must be one of {', '.join(TEACHERS)} "
+                             f"(got {config.teacher!r})")
         for key in ("rounds", "iterations_per_round"):
             if getattr(config, key) <= 0:
                 raise InputError(f"{source}: momentum '{key}' must be > 0")
@@ -58,6 +66,18 @@ class MomentumConfig:
     @property
     def uses_weighting(self) -> bool:
         return self.mode == "full"
+
+    @property
+    def step_teacher(self) -> bool:
+        return self.uses_teacher and self.teacher == "step"
+
+    @property
+    def sync_metric_decay(self) -> float:
+        """The metric EMA's decay per sync. Officially P̄ ← 0.9·P̄ + 0.1·P runs every step with
+        P refreshed at each evaluation; a round's evaluation held for its steps is the same as
+        one update with decay 0.9^steps, ≈ 0 for any real round: P̄ follows the latest
+        evaluation."""
+        return self.metric_ema ** self.iterations_per_round
 
 
 def update_metric_ema(previous: float | None, value: float, decay: float) -> float:
@@ -87,3 +107,15 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
 def ema_update(teacher: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                momentum: float) -> dict[str, torch.Tensor]:
     return {key: momentum * teacher[key] + (1.0 - momentum) * target[key] for key in teacher}
+
+
+@torch.no_grad()
+def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """In place, parameter by parameter: θ_T ← m·θ_T + (1 − m)·θ_S (the per-step teacher)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+def state_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """‖a − b‖ over all parameters together (a diagnostic of drift between decoders)."""
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a))

@@ -162,7 +162,7 @@ class Block:
 
     @property
     def cameras(self) -> list[str]:
-        return sorted(self.train_cameras + self.validation_cameras)
+        return sorted(set(self.train_cameras) | set(self.validation_cameras))
 
 
 @dataclass
@@ -351,7 +351,7 @@ def partition_scene(scene_dir, out_dir, config: PartitionConfig | None = None) -
     for b, block in enumerate(blocks):
         block.points_in_cell = int((point_blocks == b).sum())
         block.points_with_margin = int(partition.points_in_region(scene.points_xyz, b).sum())
-        log.info("block %d: cells %s, %d train + %d validation cameras (%d centred), %d points "
+        log.info("block %d: cells %s, %d train cameras (%d also validate; %d centred), %d points "
                  "(%d with margin)", b, cells_str(block.cells), len(block.train_cameras),
                  len(block.validation_cameras), block.centre_cameras, block.points_in_cell,
                  block.points_with_margin)

@@ -14,7 +14,7 @@ their border bins. Score = share of all bins the block owns (sky and empty bins 
 coarse model, at reduced resolution.
 
 Blocks with too few cameras (or no SfM points) are merged into their nearest neighbour and
-re-scored as one block; every 10th of a block's cameras (by name) is held out for validation.
+re-scored as one block; every 10th of a block's cameras (by name) also validates it (still trained on).
 """
 
 from __future__ import annotations
@@ -205,7 +205,8 @@ def merge_starved(groups: list[list[int]], members: np.ndarray, points_per_group
 
 
 def split_validation(names: list[str]) -> tuple[list[str], list[str]]:
-    """(train, validation): sorted by name, every 10th (index % 10 == 0) validates."""
+    """(train, validation): every camera trains; every 10th by name (index % 10 == 0) also
+    scores the block for its weight. As officially, validation views stay in training: holding
+    them out would cost a small block a tenth of its views."""
     ordered = sorted(names)
-    return ([n for i, n in enumerate(ordered) if i % VALIDATION_EVERY],
-            [n for i, n in enumerate(ordered) if i % VALIDATION_EVERY == 0])
+    return ordered, [n for i, n in enumerate(ordered) if i % VALIDATION_EVERY == 0]

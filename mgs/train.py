@@ -26,6 +26,7 @@ from mgs.densify import DensifyState, adjust_anchors
 from mgs.errors import InputError, TrainingError
 from mgs.metrics import psnr, ssim
 from mgs.model import Anchors, Decoder, camera_center, decode, decode_attributes
+from mgs.momentum import ema_update_
 from mgs.render import render
 from mgs.scene import Camera, Scene, load_image, load_scene
 
@@ -76,7 +77,9 @@ def spatial_lr_scale(cameras: list[Camera]) -> float:
 
 
 def consistency_loss(student, teacher, selected: torch.Tensor) -> torch.Tensor:
-    """Sum of MSEs between student and (detached) teacher decoded attributes (ALGORITHM.md §3)."""
+    """Sum of MSEs between student and teacher decoded attributes (ALGORITHM.md §3). The
+    teacher's outputs keep their graph: its parameters are frozen, but the gradient reaches the
+    anchor features through both branches, ≈ 0 when teacher ≈ student, as officially."""
     mse = torch.nn.functional.mse_loss
     return (mse(student.color[selected], teacher.color[selected])
             + mse(student.quat[selected], teacher.quat[selected])
@@ -88,9 +91,11 @@ class Trainer:
     def __init__(self, anchors: Anchors, decoder: Decoder, config: TrainConfig,
                  train_views: list[View], lr_scale: float, device: torch.device,
                  teacher: Decoder | None = None, consistency_weight: float = 0.0,
-                 loss_weight: float = 1.0, stream: int = 0, freeze_decoder: bool = False):
+                 loss_weight: float = 1.0, stream: int = 0, freeze_decoder: bool = False,
+                 teacher_momentum: float | None = None):
         """`stream` separates the random streams of blocks trained from one seed;
-        `freeze_decoder` trains the anchors only (the finalize phase)."""
+        `freeze_decoder` trains the anchors only (the finalize phase); `teacher_momentum` m
+        blends the teacher toward the student before every step (None: the teacher is fixed)."""
         self.config = config
         self.stream = stream
         self.freeze_decoder = freeze_decoder
@@ -99,6 +104,8 @@ class Trainer:
         self.decoder = decoder.to(device).requires_grad_(not freeze_decoder)
         self.teacher = teacher.to(device).requires_grad_(False) if teacher is not None else None
         self.consistency_weight = consistency_weight
+        self.teacher_momentum = teacher_momentum
+        self.loss_sums = new_loss_sums()
         self.loss_weight = loss_weight
         self.train_views = train_views
         self.lr_scale = lr_scale
@@ -159,16 +166,18 @@ class Trainer:
         step = self.step + 1  # 1-based like the official schedule
         self._set_learning_rates(self.optimizer, step)
         view = self.view_for_step(self.step)
+        if self.teacher is not None and self.teacher_momentum is not None:
+            ema_update_(self.teacher, self.decoder, self.teacher_momentum)
         out, gaussians, attrs = self.render_view(view)
         l1 = (out.image - view.image).abs().mean()
         ssim_value = ssim(out.image, view.image)
         scale_reg = gaussians.scales.prod(dim=1).mean() if gaussians.scales.numel() else l1 * 0
-        loss = (1 - c.lambda_dssim) * l1 + c.lambda_dssim * (1 - ssim_value) + c.scale_reg_weight * scale_reg
+        photometric = (1 - c.lambda_dssim) * l1 + c.lambda_dssim * (1 - ssim_value)
+        loss = photometric + c.scale_reg_weight * scale_reg
         cons = torch.zeros((), device=self.device)
         if self.teacher is not None and self.consistency_weight > 0:
-            with torch.no_grad():
-                teacher_attrs = decode_attributes(self.teacher, self.anchors, gaussians.visible,
-                                                  camera_center(view.viewmat))
+            teacher_attrs = decode_attributes(self.teacher, self.anchors, gaussians.visible,
+                                              camera_center(view.viewmat))
             cons = consistency_loss(attrs, teacher_attrs, gaussians.selected)
             loss = loss + self.consistency_weight * cons
         loss = self.loss_weight * loss
@@ -187,6 +196,9 @@ class Trainer:
             if c.update_from < step < c.update_until and step % c.update_interval == 0:
                 adjust_anchors(self.anchors, self.densify, self.optimizer, c, self.generator)
         self.step = step
+        self.loss_sums["photometric"] += photometric.item()
+        self.loss_sums["consistency"] += self.consistency_weight * cons.item()
+        self.loss_sums["steps"] += 1
         return {"loss": loss.item(), "l1": l1.item(), "consistency": cons.item(),
                 "gaussians": int(gaussians.means.shape[0])}
 
@@ -204,15 +216,19 @@ class Trainer:
 
     # ---- checkpoint state
     def state(self) -> dict:
-        return {
+        state = {
             "step": self.step,
             "anchors": self.anchors.tensors(),
-            "decoder": {k: v.detach().clone() for k, v in self.decoder.state_dict().items()},
+            "decoder": _module_state(self.decoder),
             "optimizer": self.optimizer.state_dict(),
             "densify": self.densify.tensors(),
             "generator": self.generator.get_state(),
             "lr_scale": self.lr_scale,
+            "loss_sums": dict(self.loss_sums),
         }
+        if self.teacher is not None:
+            state["teacher"] = _module_state(self.teacher)
+        return state
 
     def load_state(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -223,6 +239,18 @@ class Trainer:
         self.densify = DensifyState.from_tensors(state["densify"], self.config.n_offsets, self.device)
         self.generator.set_state(state["generator"])
         self.lr_scale = float(state["lr_scale"])
+        self.loss_sums = dict(state.get("loss_sums", new_loss_sums()))
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+
+
+def new_loss_sums() -> dict:
+    """Running sums of a job's losses (λ_c·L_cons as a share of the photometric loss)."""
+    return {"photometric": 0.0, "consistency": 0.0, "steps": 0}
+
+
+def _module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def initial_anchors(scene: Scene, config: TrainConfig) -> Anchors:

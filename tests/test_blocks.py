@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from mgs.blocks import Run, finalize_block, init_blocks, sync_round, train_block
 from mgs.checkpoint import load_checkpoint
@@ -54,19 +55,70 @@ def test_rounds_write_every_file_and_sync_math(trained_run):
         assert run.shared_path(r).exists()
         assert all(run.block_path(r, b).exists() for b in range(2))
     shared1, shared2 = run.load(run.shared_path(1)), run.load(run.shared_path(2))
+    blocks1 = [run.load(run.block_path(1, b)) for b in range(2)]
     blocks2 = [run.load(run.block_path(2, b)) for b in range(2)]
-    # round 1 is the warm-up: unit weights, and the teacher is set to the average
-    assert shared1["weights"].tolist() == [1.0, 1.0]
-    assert all(torch.equal(shared1["teacher"][k], shared1["student"][k]) for k in shared1["student"])
-    # round 2: weights from the metric EMAs; the student average uses them
+    assert shared1["weights"].tolist() == [1.0, 1.0]  # round 1 is the weights' warm-up
+    # round 2: weights from the metrics; students AND teachers are averaged with them
     w = shared2["weights"]
     assert w.min() == pytest.approx(1.0) and (w >= 1).all() and (w < 2).all()
+    for key in ("color_mlp.2.bias", "opacity_mlp.0.weight"):
+        for role, out in (("decoder", "student"), ("teacher", "teacher")):
+            expected = (w[0] * blocks2[0][role][key].double()
+                        + w[1] * blocks2[1][role][key].double()) / w.sum()
+            assert torch.allclose(shared2[out][key].double(), expected, atol=1e-6), (role, key)
+    # each block's per-step teacher trails its student: not equal to it, not the synced one
     key = "color_mlp.2.bias"
-    expected = (w[0] * blocks2[0]["decoder"][key].double() + w[1] * blocks2[1]["decoder"][key].double()) / w.sum()
-    assert torch.allclose(shared2["student"][key].double(), expected, atol=1e-6)
-    teacher = 0.9 * shared1["teacher"][key] + 0.1 * shared2["student"][key]
-    assert torch.allclose(shared2["teacher"][key], teacher, atol=1e-6)
+    assert not torch.equal(blocks1[0]["teacher"][key], blocks1[0]["decoder"][key])
+    assert not torch.equal(blocks2[0]["teacher"][key], shared1["teacher"][key])
     assert blocks2[0]["step"] == 20  # global step continues across rounds
+    rows = (run.root / "rounds" / "2" / "sync.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    for column in ("weight", "psnr_start", "previous_sync_cost", "consistency_share",
+                   "student_drift", "teacher_gap"):
+        assert column in header
+    share = float(rows[1].split("\t")[header.index("consistency_share")])
+    assert 0 < share < 10
+
+
+def test_degraded_block_gets_a_larger_weight(tiny_scene, tmp_path):
+    """A block whose photos are noisy scores lower, so its weight moves off 1 at the sync
+    after the warm-up round, while the clean block stays at 1."""
+    scene = tmp_path / "scene"
+    shutil.copytree(tiny_scene, scene)
+    run = make_run(tmp_path / "run", scene, sigma=1.0, rounds=2)
+    rng = np.random.default_rng(0)
+    scene_obj = run.scene()
+    for name in run.partition().blocks[1].cameras:
+        if name in run.partition().blocks[0].cameras:
+            continue
+        path = scene_obj.camera(name).image_path
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        noisy = np.clip(pixels + rng.normal(0, 80, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(path)
+    n = init_blocks(run)
+    for r in (1, 2):
+        for b in range(n):
+            train_block(run, r, b)
+        rows = sync_round(run, r)
+    assert rows[1]["psnr"] < rows[0]["psnr"] - 3
+    assert rows[0]["weight"] == pytest.approx(1.0)
+    assert rows[1]["weight"] > 1.5
+
+
+def test_round_teacher_stays_fixed_within_a_round(tiny_scene, tmp_path):
+    run = make_run(tmp_path / "run", tiny_scene, teacher="round", rounds=2, mode="momentum")
+    init_blocks(run)
+    for r in (1, 2):
+        for b in range(2):
+            train_block(run, r, b)
+        sync_round(run, r)
+    shared1, shared2 = run.load(run.shared_path(1)), run.load(run.shared_path(2))
+    block = run.load(run.block_path(2, 0))
+    key = "color_mlp.2.bias"
+    assert torch.equal(block["teacher"][key], shared1["teacher"][key])
+    assert torch.equal(shared1["teacher"][key], shared1["student"][key])  # set at the first sync
+    assert torch.allclose(shared2["teacher"][key],
+                          0.9 * shared1["teacher"][key] + 0.1 * shared2["student"][key], atol=1e-6)
 
 
 def test_merge_keeps_each_anchor_exactly_once(trained_run):
