@@ -46,7 +46,7 @@ MODE = {"single": "single", "independent": "independent", "shared": "shared",
         "control": "momentum"}
 SCENE = dict(seed=0, num_views=72, width=96, height=72, num_points=2500, supersample=1)
 SPARSE_KEEP = 3  # the sparse quadrant keeps every 3rd of its train views
-TRAIN = dict(voxel_size=0.02, densify_grad_threshold=0.0008, start_stat=20, update_from=40,
+TRAIN = dict(voxel_size=0.04, densify_grad_threshold=0.0008, start_stat=20, update_from=40,
              update_interval=20, eval_interval=100_000, checkpoint_interval=100_000, threads=1)
 METRICS = ("psnr", "ssim", "lpips_vgg", "psnr_cc", "ssim_cc", "lpips_vgg_cc")
 

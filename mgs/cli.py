@@ -359,13 +359,15 @@ def _add_report(sub) -> None:
     p.add_argument("--out", required=True, help="report folder (report.md, report.html, *.png)")
     p.add_argument("--paper-tables", help="CSV of the paper's numbers (default: the copy shipped "
                                           "with mgs, Momentum-GS arXiv 2412.04887v2)")
+    p.add_argument("--ablation", help="summary.csv of benchmarks/ablation.py: the multi-seed "
+                                      "ablation beside the paper's Table 5")
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args) -> None:
     from mgs.report import make_report
 
-    path = make_report(args.results, args.out, args.paper_tables)
+    path = make_report(args.results, args.out, args.paper_tables, args.ablation)
     log.info("wrote %s", path)
 
 

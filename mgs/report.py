@@ -192,6 +192,34 @@ def ablation_table(runs: list[RunInfo], paper: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=ABLATION_COLUMNS)
 
 
+SEED_ABLATION_PAPER = {**PAPER_ABLATION, "momentum_round": PAPER_ABLATION["momentum"]}
+
+
+def seed_ablation_table(summary: str | Path, paper: pd.DataFrame) -> pd.DataFrame:
+    """The multi-seed ablation (benchmarks/ablation.py's summary.csv): mean ± std per variant,
+    beside the paper's Table 5 (Building) row it corresponds to."""
+    path = Path(summary)
+    if not path.is_file():
+        raise InputError(f"ablation summary {path} not found; run `python "
+                         "benchmarks/ablation.py` first (it writes WORK/summary.csv)")
+    frame = pd.read_csv(path)
+    table5 = paper[paper["table"].astype(str) == "5"].set_index("method")
+    rows = []
+    for _, s in frame.iterrows():
+        cell = lambda m, f: f"{s[m + '_mean']:{f}} ± {s[m + '_std']:{f}}"  # noqa: E731
+        paper_row = SEED_ABLATION_PAPER.get(s["variant"])
+        p = table5.loc[paper_row] if paper_row in table5.index else None
+        rows.append({"variant": s["variant"], "seeds": int(s["seeds"]),
+                     "PSNR": cell("psnr_cc", ".2f"), "SSIM": cell("ssim_cc", ".3f"),
+                     "LPIPS-VGG": cell("lpips_vgg_cc", ".3f"), "PSNR raw": cell("psnr", ".2f"),
+                     "SSIM raw": cell("ssim", ".3f"), "LPIPS-VGG raw": cell("lpips_vgg", ".3f"),
+                     "paper Table 5 row": paper_row if p is not None else None,
+                     "paper PSNR": math.nan if p is None else p["psnr"],
+                     "paper SSIM": math.nan if p is None else p["ssim"],
+                     "paper LPIPS": math.nan if p is None else p["lpips"]})
+    return pd.DataFrame(rows)
+
+
 def _final_block_stats(path: Path) -> dict:
     try:  # mmap: only the scalars and the anchor count are touched
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -250,10 +278,16 @@ TABLE_CAPTIONS = {
     "ablation": "Training strategies on one scene (momentum.mode), beside the paper's Table 5 "
                 "(Building, 8 blocks).",
     "blocks": "Per block: cameras, anchors and validation PSNR after finalize, last sync weight.",
+    "seed_ablation": "benchmarks/ablation.py: every variant at equal steps per block, mean ± std "
+                     "over seeds on its test views, beside the paper's Table 5 (Building).",
 }
 FIGURE_CAPTIONS = {
     "partition": "Partition map: blocks in world space (left) and contracted space (right).",
     "block_metrics": "Per-block validation PSNR and block weight after each sync round.",
+    "sync_diagnostics": "Per round: λ_c·L_cons as a share of the photometric loss, the change of "
+                        "each block's validation PSNR when it loads the previous sync's average "
+                        "(the cost of a sync), each block's student distance from the average "
+                        "and the average's distance from the teacher.",
     "loss": "Training loss and validation PSNR of every block (dotted: decoder-frozen "
             "fine-tuning).",
     "renders": "Test views: render | ground truth | absolute error.",
@@ -261,8 +295,10 @@ FIGURE_CAPTIONS = {
 
 
 def make_report(results: str | Path, out_dir: str | Path,
-                paper_tables: str | Path | None = None) -> Path:
-    """Write REPORT_DIR/report.md, report.html, figure PNGs and table CSVs; returns the HTML path."""
+                paper_tables: str | Path | None = None,
+                ablation: str | Path | None = None) -> Path:
+    """Write REPORT_DIR/report.md, report.html, figure PNGs and table CSVs; returns the HTML path.
+    `ablation`: a multi-seed summary.csv of benchmarks/ablation.py, shown beside Table 5."""
     results = Path(results)
     if not results.is_dir():
         raise InputError(f"results folder {results} does not exist")
@@ -278,6 +314,9 @@ def make_report(results: str | Path, out_dir: str | Path,
               "ablation": ablation_table(runs, paper), "blocks": blocks_table(runs)}
     titles = {"results": "Results", "paper": "Comparison with the paper",
               "ablation": "Ablation", "blocks": "Blocks"}
+    if ablation is not None:
+        tables["seed_ablation"] = seed_ablation_table(ablation, paper)
+        titles["seed_ablation"] = "Ablation over seeds"
     for name, frame in tables.items():
         # every CSV is written, empty ones too, so a workflow can declare them as outputs
         with atomic_path(out / f"{name}.csv") as tmp:
@@ -286,6 +325,7 @@ def make_report(results: str | Path, out_dir: str | Path,
             continue
         sections.append((titles[name], TABLE_CAPTIONS[name], "table", _display(frame)))
     makers = {"partition": figures.partition_map, "block_metrics": figures.block_metrics,
+              "sync_diagnostics": figures.sync_diagnostics,
               "loss": figures.loss_curves, "renders": figures.render_grid}
     for run in runs:
         for kind, make in makers.items():

@@ -1,5 +1,6 @@
 """Figures of `mgs report` (matplotlib, Agg): per run a partition map, per-block validation PSNR
-and weight across rounds, training loss curves and a render | ground truth | error grid.
+and weight across rounds, the sync diagnostics, training loss curves and a render | ground truth
+| error grid.
 
 Each function reads only the run folder, writes one PNG atomically and returns its path, or None
 (with a warning) when the run lacks what the figure needs, so one incomplete run never stops
@@ -81,6 +82,38 @@ def block_metrics(root: Path, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     ax_weight.legend(fontsize=8, ncol=2 if sync["block"].nunique() > 6 else 1)
+    return _save(fig, path)
+
+
+DIAGNOSTICS = (("consistency_share", "λ_c·L_cons / photometric loss", "Consistency share"),
+               ("previous_sync_cost", "PSNR after − before (dB)", "Cost of the previous sync"),
+               ("student_drift", "‖S_b − S̄‖", "Student drift from the average"),
+               ("teacher_gap", "‖S̄ − T̄‖", "Average student vs teacher"))
+
+
+def sync_diagnostics(root: Path, path: Path) -> Path | None:
+    """Per round: the momentum terms' share of the loss, what each sync cost the blocks'
+    validation PSNR, how far the blocks' students drift and the teacher's distance."""
+    sync = read_sync_tables(root)
+    if sync.empty or not {c for c, _, _ in DIAGNOSTICS} <= set(sync.columns):
+        log.warning("%s: sync.tsv has no diagnostics columns; diagnostics figure left out", root)
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    for ax, (column, ylabel, title) in zip(axes.flat, DIAGNOSTICS):
+        if column == "teacher_gap":  # one value per round
+            rows = sync.groupby("round")[column].first()
+            ax.plot(rows.index, rows.values, marker="o", ms=3, color="k")
+        else:
+            for block, rows in sync.groupby("block"):
+                rows = rows.sort_values("round")
+                ax.plot(rows["round"], rows[column], marker="o", ms=3, label=f"block {block}")
+        if column == "previous_sync_cost":
+            ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel="round", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes.flat[0].legend(fontsize=8, ncol=2 if sync["block"].nunique() > 6 else 1)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -221,12 +221,34 @@ def test_report_has_paper_ablation_block_tables_and_figures(evaluated_run, tmp_p
     assert list(ablation["mode"]) == ["single", "full"]
     blocks = pd.read_csv(out / "blocks.csv")
     assert len(blocks) == 4 and blocks["anchors"].gt(0).all() and blocks["weight"].ge(1).all()
-    for kind in ("partition", "block_metrics", "loss", "renders"):
+    for kind in ("partition", "block_metrics", "sync_diagnostics", "loss", "renders"):
         assert (out / f"rubble_{kind}.png").stat().st_size > 1000
     page = (out / "report.html").read_text()
     assert page.count("<table") == 4
-    assert page.count('src="data:image/png;base64,') == 8
+    assert page.count('src="data:image/png;base64,') == 10
     assert "rubble_renders.png" in md
+
+
+def test_report_shows_the_seed_ablation_beside_table_5(evaluated_run, tmp_path):
+    run = evaluated_run[0]
+    metrics = ("psnr", "ssim", "lpips_vgg", "psnr_cc", "ssim_cc", "lpips_vgg_cc")
+    rows = [{"variant": v, "seeds": 3, **{f"{m}_{s}": 0.5 + i for m in metrics
+                                          for s in ("mean", "std")}}
+            for i, v in enumerate(("single", "shared", "momentum_round", "control"))]
+    summary = tmp_path / "summary.csv"
+    pd.DataFrame(rows).to_csv(summary, index=False)
+    out = tmp_path / "report"
+    assert main(["report", "--results", str(run.root.parent), "--out", str(out),
+                 "--ablation", str(summary)]) == 0
+    table = pd.read_csv(out / "seed_ablation.csv")
+    assert list(table["variant"]) == ["single", "shared", "momentum_round", "control"]
+    assert table.loc[0, "PSNR"] == "0.50 ± 0.50"
+    assert table.loc[0, "paper PSNR"] == pytest.approx(22.25)  # Table 5 (a)
+    assert table.loc[2, "paper Table 5 row"] == "(e) + momentum self-distillation"
+    assert pd.isna(table.loc[3, "paper PSNR"])  # the control has no paper row
+    assert "## Ablation over seeds" in (out / "report.md").read_text()
+    assert main(["report", "--results", str(run.root.parent), "--out", str(out),
+                 "--ablation", str(tmp_path / "missing.csv")]) == 2
 
 
 def test_report_without_runs_fails_clearly(tmp_path):
