@@ -125,8 +125,10 @@ def diagnostics(root: Path) -> dict:
             "val_psnr_spread": float(last["psnr"].max() - last["psnr"].min())}
 
 
-def launch(name: str, root: Path, scene_dir: Path, config: dict, single: bool) -> dict:
-    """Run one job in its own process (one thread), or reuse its result.json."""
+def launch(name: str, root: Path, scene_dir: Path, config: dict, single: bool,
+           command: list[str] | None = None) -> dict:
+    """Run one job in its own process (one thread), or reuse its result.json. `command`
+    replaces this script's own job command (for scripts that vary the training code)."""
     result = root / "result.json"
     if result.exists():
         return json.loads(result.read_text())
@@ -135,7 +137,7 @@ def launch(name: str, root: Path, scene_dir: Path, config: dict, single: bool) -
                        "single": single})
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
     with open(root / "job.log", "w") as log:
-        code = subprocess.call([sys.executable, __file__, "--job", spec], stdout=log,
+        code = subprocess.call(command or [sys.executable, __file__, "--job", spec], stdout=log,
                                stderr=log, env=env)
     if code != 0:
         raise SystemExit(f"ablation job {name} failed; see {root / 'job.log'}")
@@ -172,7 +174,7 @@ def paired(rows: pd.DataFrame, a: str, b: str, metric: str = "psnr") -> str:
             f" 2×pooled std {2 * pooled:.3f}; same sign in every seed: {same_sign})")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("results/ablation"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -188,7 +190,11 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.0,
                         help="block-weight width; the paper's 9-13 dB suit its PSNR spread")
     parser.add_argument("--job", help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    opts = build_parser().parse_args()
     if opts.job:  # worker process
         spec = json.loads(opts.job)
         row = run_job(Path(spec["root"]), Path(spec["scene"]), spec["config"], spec["single"])
