@@ -11,9 +11,7 @@ colour-corrected). Variants:
   independent         2x2 blocks, each its own decoder
   shared              2x2 blocks, one decoder averaged at every sync
   momentum            + per-step EMA teacher and consistency loss (λ_c 50)
-  momentum_round      + round-fixed synced teacher instead, at the λ_c that scored best on the
-                      first seed of a sweep (--round-lambdas)
-  full                momentum (step teacher) + block weighting
+  full                momentum + block weighting
   control             momentum with λ_c = 0.01: must equal shared within seed noise
 
 Jobs run in parallel worker processes (one torch/numba thread each); a finished job's
@@ -40,10 +38,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-VARIANTS = ("single", "independent", "shared", "momentum", "momentum_round", "full", "control")
+VARIANTS = ("single", "independent", "shared", "momentum", "full", "control")
 MODE = {"single": "single", "independent": "independent", "shared": "shared",
-        "momentum": "momentum", "momentum_round": "momentum", "full": "full",
-        "control": "momentum"}
+        "momentum": "momentum", "full": "full", "control": "momentum"}
 SCENE = dict(seed=0, num_views=72, width=96, height=72, num_points=2500, supersample=1)
 SPARSE_KEEP = 3  # the sparse quadrant keeps every 3rd of its train views
 TRAIN = dict(voxel_size=0.04, densify_grad_threshold=0.0008, start_stat=20, update_from=40,
@@ -70,7 +67,7 @@ def make_scene(scene_dir: Path) -> None:
           flush=True)
 
 
-def job_config(variant: str, seed: int, opts, consistency: float | None = None) -> dict:
+def job_config(variant: str, seed: int, opts) -> dict:
     steps = opts.rounds * opts.iterations_per_round + opts.final_iterations
     train = dict(TRAIN, seed=seed, iterations=steps, lr_max_steps=steps // 2,
                  update_until=steps // 2)
@@ -78,9 +75,6 @@ def job_config(variant: str, seed: int, opts, consistency: float | None = None) 
                     iterations_per_round=opts.iterations_per_round,
                     final_iterations=opts.final_iterations, sigma=opts.sigma,
                     consistency_weight=opts.consistency_weight)
-    if variant == "momentum_round":
-        momentum.update(teacher="round", momentum=opts.round_momentum,
-                        consistency_weight=consistency)
     if variant == "control":
         momentum["consistency_weight"] = 0.01
     return {"train": train, "momentum": momentum}
@@ -184,9 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations-per-round", type=int, default=40)
     parser.add_argument("--final-iterations", type=int, default=60)
     parser.add_argument("--consistency-weight", type=float, default=50.0)
-    parser.add_argument("--round-momentum", type=float, default=0.5,
-                        help="per-sync momentum of the round teacher")
-    parser.add_argument("--round-lambdas", type=float, nargs="+", default=[0.5, 2.0, 5.0, 50.0])
     parser.add_argument("--sigma", type=float, default=1.0,
                         help="block-weight width; the paper's 9-13 dB suit its PSNR spread")
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -204,29 +195,12 @@ def main() -> None:
     start = time.perf_counter()
     scene_dir = opts.work / "scene"
     make_scene(scene_dir)
-    job = lambda v, s, lam=None, tag=None: (  # noqa: E731
-        f"{tag or v}/seed {s}", opts.work / (tag or v) / f"seed{s}", scene_dir,
-        job_config(v, s, opts, lam), v == "single")
-    variants = [v for v in opts.variants if v != "momentum_round"]
-    jobs = [job(v, s) for s in opts.seeds for v in variants]
-    sweep = {}
-    if "momentum_round" in opts.variants:  # calibrate λ_c on the first seed, with the others
-        first = opts.seeds[0]
-        sweep_jobs = [job("momentum_round", first, lam, f"momentum_round_l{lam:g}")
-                      for lam in opts.round_lambdas]
-        results = run_all(sweep_jobs + jobs, opts.workers)
-        sweep = dict(zip(opts.round_lambdas, results[:len(sweep_jobs)]))
-        best = max(sweep, key=lambda lam: sweep[lam]["psnr"])
-        print("round teacher λ_c sweep (seed %d): %s → best %g" % (
-            first, ", ".join(f"{lam:g}: {r['psnr']:.2f} dB" for lam, r in sweep.items()), best),
-            flush=True)
-        jobs += [job("momentum_round", s, best, f"momentum_round_l{best:g}") for s in opts.seeds]
+    jobs = [(f"{v}/seed {s}", opts.work / v / f"seed{s}", scene_dir, job_config(v, s, opts),
+             v == "single") for s in opts.seeds for v in opts.variants]
     results = run_all(jobs, opts.workers)
 
     rows = pd.DataFrame([dict(variant=name.split("/")[0], seed=int(name.split("seed ")[1]), **r)
                          for (name, *_), r in zip(jobs, results)])
-    rows["variant"] = rows["variant"].str.replace(r"momentum_round_l.*", "momentum_round",
-                                                  regex=True)
     rows.to_csv(opts.work / "runs.csv", index=False, float_format="%.6g")
     summary = summarise(rows)
     summary.to_csv(opts.work / "summary.csv", index=False, float_format="%.6g")
@@ -244,7 +218,7 @@ def main() -> None:
               f"(colour-corrected PSNR {s['psnr_cc_mean']:.2f} ± {s['psnr_cc_std']:.2f}, "
               f"n={s['seeds']})")
     print("\npaired differences (test PSNR):")
-    for a, b in (("momentum", "shared"), ("momentum_round", "shared"), ("full", "independent"),
+    for a, b in (("momentum", "shared"), ("full", "independent"),
                  ("full", "single"), ("full", "momentum"), ("shared", "independent"),
                  ("control", "shared")):
         if {a, b} <= set(rows.variant):

@@ -21,8 +21,8 @@ from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig, yaml_section
 from mgs.errors import InputError
 from mgs.model import Anchors, Decoder
-from mgs.momentum import (MomentumConfig, block_weights, ema_update, state_distance,
-                          update_metric_ema, weighted_average)
+from mgs.momentum import (MomentumConfig, block_weights, state_distance, update_metric_ema,
+                          weighted_average)
 from mgs.partition import load_partition
 from mgs.scene import load_scene
 from mgs.train import (Trainer, load_views, new_loss_sums, resolve_device, run_training,
@@ -141,7 +141,7 @@ def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_te
                       float(block_state["lr_scale"]), device, teacher=teacher,
                       consistency_weight=consistency, loss_weight=weight, stream=block + 1,
                       freeze_decoder=freeze_decoder,
-                      teacher_momentum=momentum.momentum if momentum.step_teacher else None)
+                      teacher_momentum=momentum.momentum)
     if "optimizer" in block_state:
         trainer.load_state(block_state)
     else:  # round 0: fresh optimizer, stats and RNG
@@ -168,11 +168,8 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
     if partial_path.exists():
         state = run.load(partial_path)
         log.info("resuming %s from step %d", out_path.name, state["step"])
-    # the step teacher starts equal to the student (consistency from step 1); the round teacher
-    # is the previous sync's, which in round 1 is only the random init. Finalize freezes the decoder.
-    momentum = run.momentum
-    use_teacher = (momentum.uses_teacher and not finalize
-                   and (momentum.step_teacher or round_index > 1))
+    # the teacher starts equal to the student (consistency from step 1); finalize freezes the decoder
+    use_teacher = run.momentum.uses_teacher and not finalize
     trainer, val_views = _block_trainer(run, source, block, shared, use_teacher, device,
                                         freeze_decoder=finalize)
     if state is not source:
@@ -226,11 +223,9 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     else:
         weights = [1.0] * n
     average = weighted_average([b["decoder"] for b in blocks], weights)
-    if momentum.step_teacher:  # each block blended its own copy every step
+    if momentum.uses_teacher:  # each block blended its own copy every step
         teacher = weighted_average([b["teacher"] for b in blocks], weights)
-    elif momentum.uses_teacher and round_index > 1:
-        teacher = ema_update(previous["teacher"], average, momentum.momentum)
-    else:  # a random-init round teacher would pull every block toward noise
+    else:
         teacher = average
     run.save(run.shared_path(round_index), {
         "round": round_index, "student": average, "teacher": teacher,

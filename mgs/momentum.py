@@ -18,7 +18,6 @@ from mgs.config import check_known_keys
 from mgs.errors import InputError
 
 MODES = ("single", "independent", "shared", "momentum", "full")
-TEACHERS = ("step", "round")
 
 
 @dataclass
@@ -27,10 +26,7 @@ class MomentumConfig:
     rounds: int = 120  # syncs of the shared decoder
     iterations_per_round: int = 500
     final_iterations: int = 0  # anchor-only fine-tuning with the decoder frozen at the last average
-    # step: teacher <- m·teacher + (1 - m)·student before every step of a block (official);
-    # round: teacher fixed within a round, teacher <- m·teacher + (1 - m)·average at each sync
-    teacher: str = "step"
-    momentum: float = 0.9
+    momentum: float = 0.9  # teacher <- m·teacher + (1 - m)·student before every step (official)
     consistency_weight: float = 50.0
     sigma: float = 10.0  # block-weight width (paper's adaptive sigma)
     ssim_scale: float = 10.0  # SSIM gap is scaled by this before squaring (paper's lambda=100)
@@ -45,9 +41,6 @@ class MomentumConfig:
         if config.mode not in MODES:
             raise InputError(f"{source}: momentum 'mode' must be one of {', '.join(MODES)} "
                              f"(got {config.mode!r})")
-        if config.teacher not in TEACHERS:
-            raise InputError(f"{source}: momentum 'teacher' must be one of {', '.join(TEACHERS)} "
-                             f"(got {config.teacher!r})")
         for key in ("rounds", "iterations_per_round"):
             if getattr(config, key) <= 0:
                 raise InputError(f"{source}: momentum '{key}' must be > 0")
@@ -66,10 +59,6 @@ class MomentumConfig:
     @property
     def uses_weighting(self) -> bool:
         return self.mode == "full"
-
-    @property
-    def step_teacher(self) -> bool:
-        return self.uses_teacher and self.teacher == "step"
 
     @property
     def sync_metric_decay(self) -> float:
@@ -102,11 +91,6 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     total = float(sum(weights))
     return {key: sum(w * state[key].double() for w, state in zip(weights, states)).div(total)
             .to(states[0][key].dtype) for key in states[0]}
-
-
-def ema_update(teacher: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-               momentum: float) -> dict[str, torch.Tensor]:
-    return {key: momentum * teacher[key] + (1.0 - momentum) * target[key] for key in teacher}
 
 
 @torch.no_grad()

@@ -192,9 +192,6 @@ def ablation_table(runs: list[RunInfo], paper: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=ABLATION_COLUMNS)
 
 
-SEED_ABLATION_PAPER = {**PAPER_ABLATION, "momentum_round": PAPER_ABLATION["momentum"]}
-
-
 def seed_ablation_table(summary: str | Path, paper: pd.DataFrame) -> pd.DataFrame:
     """The multi-seed ablation (benchmarks/ablation.py's summary.csv): mean ± std per variant,
     beside the paper's Table 5 (Building) row it corresponds to."""
@@ -207,7 +204,7 @@ def seed_ablation_table(summary: str | Path, paper: pd.DataFrame) -> pd.DataFram
     rows = []
     for _, s in frame.iterrows():
         cell = lambda m, f: f"{s[m + '_mean']:{f}} ± {s[m + '_std']:{f}}"  # noqa: E731
-        paper_row = SEED_ABLATION_PAPER.get(s["variant"])
+        paper_row = PAPER_ABLATION.get(s["variant"])
         p = table5.loc[paper_row] if paper_row in table5.index else None
         rows.append({"variant": s["variant"], "seeds": int(s["seeds"]),
                      "PSNR": cell("psnr_cc", ".2f"), "SSIM": cell("ssim_cc", ".3f"),

@@ -92,10 +92,10 @@ class Trainer:
                  train_views: list[View], lr_scale: float, device: torch.device,
                  teacher: Decoder | None = None, consistency_weight: float = 0.0,
                  loss_weight: float = 1.0, stream: int = 0, freeze_decoder: bool = False,
-                 teacher_momentum: float | None = None):
+                 teacher_momentum: float = 0.9):
         """`stream` separates the random streams of blocks trained from one seed;
         `freeze_decoder` trains the anchors only (the finalize phase); `teacher_momentum` m
-        blends the teacher toward the student before every step (None: the teacher is fixed)."""
+        blends the teacher toward the student before every step."""
         self.config = config
         self.stream = stream
         self.freeze_decoder = freeze_decoder
@@ -166,7 +166,7 @@ class Trainer:
         step = self.step + 1  # 1-based like the official schedule
         self._set_learning_rates(self.optimizer, step)
         view = self.view_for_step(self.step)
-        if self.teacher is not None and self.teacher_momentum is not None:
+        if self.teacher is not None:
             ema_update_(self.teacher, self.decoder, self.teacher_momentum)
         out, gaussians, attrs = self.render_view(view)
         l1 = (out.image - view.image).abs().mean()

@@ -105,22 +105,6 @@ def test_degraded_block_gets_a_larger_weight(tiny_scene, tmp_path):
     assert rows[1]["weight"] > 1.5
 
 
-def test_round_teacher_stays_fixed_within_a_round(tiny_scene, tmp_path):
-    run = make_run(tmp_path / "run", tiny_scene, teacher="round", rounds=2, mode="momentum")
-    init_blocks(run)
-    for r in (1, 2):
-        for b in range(2):
-            train_block(run, r, b)
-        sync_round(run, r)
-    shared1, shared2 = run.load(run.shared_path(1)), run.load(run.shared_path(2))
-    block = run.load(run.block_path(2, 0))
-    key = "color_mlp.2.bias"
-    assert torch.equal(block["teacher"][key], shared1["teacher"][key])
-    assert torch.equal(shared1["teacher"][key], shared1["student"][key])  # set at the first sync
-    assert torch.allclose(shared2["teacher"][key],
-                          0.9 * shared1["teacher"][key] + 0.1 * shared2["student"][key], atol=1e-6)
-
-
 def test_merge_keeps_each_anchor_exactly_once(trained_run):
     run = trained_run
     partition = run.partition()

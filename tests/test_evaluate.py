@@ -234,14 +234,14 @@ def test_report_shows_the_seed_ablation_beside_table_5(evaluated_run, tmp_path):
     metrics = ("psnr", "ssim", "lpips_vgg", "psnr_cc", "ssim_cc", "lpips_vgg_cc")
     rows = [{"variant": v, "seeds": 3, **{f"{m}_{s}": 0.5 + i for m in metrics
                                           for s in ("mean", "std")}}
-            for i, v in enumerate(("single", "shared", "momentum_round", "control"))]
+            for i, v in enumerate(("single", "shared", "momentum", "control"))]
     summary = tmp_path / "summary.csv"
     pd.DataFrame(rows).to_csv(summary, index=False)
     out = tmp_path / "report"
     assert main(["report", "--results", str(run.root.parent), "--out", str(out),
                  "--ablation", str(summary)]) == 0
     table = pd.read_csv(out / "seed_ablation.csv")
-    assert list(table["variant"]) == ["single", "shared", "momentum_round", "control"]
+    assert list(table["variant"]) == ["single", "shared", "momentum", "control"]
     assert table.loc[0, "PSNR"] == "0.50 ± 0.50"
     assert table.loc[0, "paper PSNR"] == pytest.approx(22.25)  # Table 5 (a)
     assert table.loc[2, "paper Table 5 row"] == "(e) + momentum self-distillation"

@@ -6,8 +6,8 @@ import torch
 
 from mgs.errors import InputError
 from mgs.model import Anchors, Decoder, decode_attributes
-from mgs.momentum import (MomentumConfig, block_weights, ema_update, ema_update_,
-                          update_metric_ema, weighted_average)
+from mgs.momentum import (MomentumConfig, block_weights, ema_update_, update_metric_ema,
+                          weighted_average)
 from mgs.train import consistency_loss
 
 
@@ -30,13 +30,11 @@ def test_block_weights_hand_computed():
     assert w[1] == pytest.approx(2 - math.exp(-1.0 / 2))
 
 
-def test_weighted_average_and_teacher_ema():
+def test_weighted_average():
     a = {"w": torch.tensor([1.0, 2.0])}
     b = {"w": torch.tensor([3.0, 6.0])}
     avg = weighted_average([a, b], [1.0, 3.0])
     assert torch.allclose(avg["w"], torch.tensor([2.5, 5.0]))  # (1*1 + 3*3)/4, (2 + 18)/4
-    teacher = ema_update({"w": torch.tensor([0.0, 10.0])}, avg, 0.9)
-    assert torch.allclose(teacher["w"], torch.tensor([0.25, 9.5]))
 
 
 def test_momentum_config_validation():
@@ -56,8 +54,6 @@ def test_sync_metric_decay_is_the_per_step_ema_held_for_a_round():
     assert config.sync_metric_decay == pytest.approx(0.81)
     # a real round: the EMA follows the latest evaluation, as officially
     assert MomentumConfig.from_dict({"iterations_per_round": 150}).sync_metric_decay < 1e-6
-    with pytest.raises(InputError, match="teacher"):
-        MomentumConfig.from_dict({"teacher": "epoch"})
 
 
 def test_per_step_teacher_ema_in_place_hand_computed():
