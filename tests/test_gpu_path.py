@@ -173,3 +173,32 @@ def test_cuda_and_cuda0_are_one_cache_key(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert canonical_device("cuda") == canonical_device("cuda:0") == torch.device("cuda", 0)
     assert canonical_device("cpu") == torch.device("cpu")
+
+
+# ---------------------------------------------------------------- defect 7: the build step
+
+@pytest.mark.parametrize("arch_list,capability,covered", [
+    ("8.0;8.6;8.9;9.0+PTX", (9, 0), True), ("8.0;8.6;8.9;9.0+PTX", (10, 0), True),
+    ("8.0;8.6;8.9;9.0+PTX", (7, 0), False), ("8.0;9.0", (8, 6), False), ("8.6", (8, 6), True),
+])
+def test_arch_list_coverage(arch_list, capability, covered):
+    from mgs.gsplat_build import _arch_covered
+
+    assert _arch_covered(arch_list, *capability) is covered
+
+
+def test_gsplat_build_without_a_gpu_records_that_nothing_was_built(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/test_cuda.py and gpu_check.sh build for real")
+    out = tmp_path / "ext" / "gsplat_build.json"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    result = subprocess.run([sys.executable, "-m", "mgs.gsplat_build", "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["built"] is False and record["arch_list"] == "9.0"
+    assert record["extensions_dir"] == str(tmp_path / "ext")
