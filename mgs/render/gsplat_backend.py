@@ -80,9 +80,11 @@ def _probe(device: str) -> Optional[str]:
             return f"gsplat's test render on {device} came out empty; rebuild its extension"
     except Exception as exc:  # "no kernel image is available for execution on the device", ...
         arch = ""
-        if torch.cuda.is_available():
+        try:
             major, minor = torch.cuda.get_device_capability(torch.device(device))
             arch = f" (this GPU is sm_{major}{minor}: include {major}.{minor} in TORCH_CUDA_ARCH_LIST)"
+        except Exception:  # the device itself is unusable: the first message says enough
+            pass
         return (f"gsplat's CUDA extension does not run on {device} ({exc.__class__.__name__}: "
                 f"{exc}); it was probably built for another GPU architecture{arch}; delete the "
                 "build in TORCH_EXTENSIONS_DIR and rebuild")
