@@ -11,6 +11,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/gsplat.smk"
 include: "workflow/rules/scene.smk"
 include: "workflow/rules/partition.smk"
 include: "workflow/rules/train.smk"

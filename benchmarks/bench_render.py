@@ -2,6 +2,7 @@
 
     python benchmarks/bench_render.py            # CPU cases
     python benchmarks/bench_render.py --cuda     # also gsplat vs torch on CUDA
+    python benchmarks/bench_render.py --cuda-only   # only the CUDA cases
 
 Every (case, method) runs in a fresh subprocess with 2 torch threads and 2 numba
 threads. Time: median of the timed runs after warm-up. Memory on CPU: growth of the
@@ -118,14 +119,16 @@ def print_table(device: str, cases, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cuda", action="store_true", help="also run gsplat vs torch on CUDA")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA cases")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_case(*json.loads(args.worker))))
         return
-    print_table("cpu", CPU_CASES, args.repeats)
-    if args.cuda:
+    if not args.cuda_only:
+        print_table("cpu", CPU_CASES, args.repeats)
+    if args.cuda or args.cuda_only:
         import torch
 
         if torch.cuda.is_available():

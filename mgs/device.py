@@ -1,11 +1,25 @@
-"""Device choice for a job: CUDA when present, and on a multi-GPU machine without
-CUDA_VISIBLE_DEVICES (Snakemake never sets it locally) a GPU nobody else holds, by file lock."""
+"""Device choice for a job, and which GPU it uses on a machine with several.
+
+`auto` means the MGS_DEVICE environment variable when set (e.g. MGS_DEVICE=cpu keeps every mgs
+process of a shell or job on the CPU), else CUDA when present, else the CPU.
+
+On a multi-GPU machine without CUDA_VISIBLE_DEVICES (Snakemake never sets it locally; SLURM
+does), `auto` takes a GPU that no other mgs process *of the same user* holds, by an exclusive
+lock on a file in a per-user folder ($MGS_LOCK_DIR, default <tmp>/mgs-gpu-locks-<uid>). The lock
+is per process: the first call picks the GPU and later calls in the same process (one per block
+and round in `train_all`) return the same one; it is released when the process ends. When every
+GPU is held, the process does not wait: it shares GPU 0 with a warning (cap local jobs with
+`snakemake --resources gpu=N`). Other users' jobs are not seen; on a shared machine use a
+scheduler or CUDA_VISIBLE_DEVICES. The chosen GPU becomes the current one (`torch.cuda.set_device`)
+so library calls without an explicit device (gsplat's kernels, memory statistics) use it too.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -16,39 +30,93 @@ from mgs.errors import InputError
 log = logging.getLogger("mgs.device")
 
 _held_locks: list = []  # open lock files live as long as the process
+_claimed: dict[str, int] = {}  # lock folder -> the GPU this process took there
 
 
 def resolve_device(name: str = "auto", lock_dir: str | Path | None = None,
                    gpu_count: int | None = None) -> torch.device:
-    """`auto` → a free GPU (locked for this process) or the CPU; `cpu`, `cuda`, `cuda:N` as given."""
+    """`auto` → $MGS_DEVICE, or a free GPU (locked for this process) or the CPU; `cpu`, `cuda`
+    (the current GPU), `cuda:N` as given. CUDA devices come back with their index, made current."""
+    if name == "auto" and os.environ.get("MGS_DEVICE", "auto") != "auto":
+        name = os.environ["MGS_DEVICE"]
     if name == "auto":
         if not torch.cuda.is_available() and gpu_count is None:
             return torch.device("cpu")
         count = torch.cuda.device_count() if gpu_count is None else gpu_count
         if count > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-            return torch.device(f"cuda:{claim_free_gpu(count, lock_dir)}")
-        return torch.device("cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available; use device: auto")
+            return _make_current(torch.device(f"cuda:{claim_free_gpu(count, lock_dir)}"))
+        return _make_current(torch.device("cuda"))
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available; use device: auto")
+    return _make_current(device)
+
+
+def _make_current(device: torch.device) -> torch.device:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return device  # a CUDA index chosen by lock without CUDA (tests with gpu_count)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise InputError(f"device cuda:{index} requested but this process sees "
+                         f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use cuda or auto")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def canonical_device(device: str | torch.device) -> torch.device:
+    """`cuda` → `cuda:<current>`, so caches keyed by device see one GPU under one name."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def default_lock_dir() -> Path:
+    """$MGS_LOCK_DIR, else a folder of this user's under the temp dir (created 0700).
+
+    Per user because a shared /tmp does not let one user open another's file for writing
+    (sticky bit, fs.protected_regular): a common lock file would fail for the second user.
+    """
+    if os.environ.get("MGS_LOCK_DIR"):
+        return Path(os.environ["MGS_LOCK_DIR"])
+    folder = Path(tempfile.gettempdir()) / f"mgs-gpu-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
+        raise InputError(f"GPU lock folder {folder} belongs to another user; set MGS_LOCK_DIR "
+                         "to a folder of yours")
+    return folder
 
 
 def claim_free_gpu(count: int, lock_dir: str | Path | None = None) -> int:
-    """Take the first GPU whose lock file no other process holds; wait on GPU 0's otherwise."""
-    lock_dir = Path(lock_dir or os.environ.get("MGS_LOCK_DIR", tempfile.gettempdir()))
+    """This process's GPU: the one it already holds, else the first whose lock no other process
+    holds, else GPU 0 (shared, with a warning; never waits)."""
+    lock_dir = Path(lock_dir) if lock_dir else default_lock_dir()
+    key = str(lock_dir.resolve())
+    if key in _claimed:
+        return _claimed[key]
     for index in range(count):
-        handle = open(lock_dir / f"mgs-gpu-{index}.lock", "w")
+        path = lock_dir / f"mgs-gpu-{index}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except PermissionError as exc:
+            raise InputError(f"cannot open the GPU lock file {path} ({exc.strerror}); set "
+                             "MGS_LOCK_DIR to a folder of yours") from exc
+        handle = os.fdopen(fd, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             continue
         _held_locks.append(handle)
-        log.info("using GPU %d (lock %s)", index, handle.name)
+        _claimed[key] = index
+        log.info("using GPU %d (lock %s)", index, path)
         return index
-    log.warning("all %d GPUs are taken by other mgs jobs; sharing GPU 0 "
+    log.warning("all %d GPUs are held by other mgs processes of this user; sharing GPU 0 "
                 "(limit local jobs with --resources gpu=%d)", count, count)
+    _claimed[key] = 0
     return 0

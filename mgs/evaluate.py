@@ -37,7 +37,7 @@ from mgs.errors import InputError
 from mgs.lpips import get_lpips, lpips
 from mgs.merge import MergedModel, load_model, render_model
 from mgs.metrics import psnr, ssim
-from mgs.render.gsplat_backend import gsplat_available
+from mgs.render.gsplat_backend import choose_backend
 from mgs.scene import load_image
 
 log = logging.getLogger("mgs.evaluate")
@@ -70,8 +70,7 @@ def evaluate_run(run_dir: str | Path, config_path: str | Path | None = None,
     if run.train.threads and dev.type == "cpu":
         torch.set_num_threads(run.train.threads)
     backend = backend or run.train.backend
-    used_backend = ("gsplat" if dev.type == "cuda" and gsplat_available() else "torch") \
-        if backend == "auto" else backend
+    used_backend = choose_backend(backend, dev)  # what render() will pick: fails early if broken
     model = _model_to(model, dev)
     factor = run.train.resolution
     background = torch.tensor(run.train.background, dtype=torch.float32, device=dev)

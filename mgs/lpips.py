@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgs.device import canonical_device
 from mgs.errors import InputError
 
 log = logging.getLogger("mgs.evaluate")
@@ -176,7 +177,8 @@ def _cached(net: str, device: str) -> LPIPS:
 
 def get_lpips(net: str = "vgg", device: str | torch.device = "cpu") -> LPIPS:
     """A shared, cached LPIPS network on `device` (weights are read once per process)."""
-    return _cached(net, str(torch.device(device)))
+    # "cuda" and "cuda:0" are one GPU: one cache key, or the weights load twice
+    return _cached(net, str(canonical_device(device)))
 
 
 @torch.inference_mode()

@@ -237,7 +237,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.densify = DensifyState.from_tensors(state["densify"], self.config.n_offsets, self.device)
-        self.generator.set_state(state["generator"])
+        # a CPU generator takes only a CPU ByteTensor (a checkpoint mapped to CUDA would not do)
+        self.generator.set_state(state["generator"].cpu())
         self.lr_scale = float(state["lr_scale"])
         self.loss_sums = dict(state.get("loss_sums", new_loss_sums()))
         if self.teacher is not None and "teacher" in state:
@@ -288,7 +289,8 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
     history: list[dict] = []
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, config.shape_hash(), map_location=device)
+        # loaded on the CPU: load_state moves the tensors that belong on `device` there
+        state = load_checkpoint(checkpoint_path, config.shape_hash())
         trainer.load_state(state)
         history = list(state.get("history", []))
         log.info("resumed from %s at step %d", checkpoint_path, trainer.step)

@@ -15,7 +15,7 @@ PARAM_NAMES = ("means", "quats", "scales", "opacities", "colors")
 TILE_BACKENDS = ("torch-fused", "torch-tiles")
 BACKGROUND = (0.2, 0.5, 0.7)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.cuda  # skipped without a GPU (conftest)
 
 
 def _with_grad_leaves(scene):

@@ -145,6 +145,32 @@ def test_dry_run_of_the_demo_plans_its_jobs(dry_workflow):
     assert "checkpoint" in out
 
 
+def _scene_override(workdir: Path, name: str, top: dict | None = None, **train) -> str:
+    config = yaml.safe_load((workdir / "config" / "ci.yaml").read_text())
+    config["scenes"][SCENE].setdefault("train", {}).update(train)
+    config.update(top or {})
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return f"--configfile={path}"
+
+
+def test_gsplat_build_comes_before_gpu_jobs_only_where_gsplat_may_render(dry_workflow):
+    planned = snakemake(dry_workflow, "--dry-run", "--printshellcmds", configfile(dry_workflow))
+    out = planned.stdout
+    assert "rule gsplat_build:" in out
+    evaluate = out[out.index("rule evaluate:"):]
+    assert "results/.torch_extensions/gsplat_build.json" in evaluate.split("output:")[0]
+    for name, override, top in (("cpu", {"device": "cpu"}, None),
+                                ("torch", {"backend": "torch"}, None),
+                                ("off", {}, {"gsplat": {"build": False}})):
+        args = _scene_override(dry_workflow, f"gsplat-{name}", top, **override)
+        result = snakemake(dry_workflow, "--dry-run", args)
+        assert "gsplat_build" not in result.stdout, name
+    bad = _scene_override(dry_workflow, "gsplat-bad", {"gsplat": {"arch_list": "sm_90"}})
+    result = snakemake(dry_workflow, "--dry-run", bad, check=False)
+    assert result.returncode != 0 and "gsplat.arch_list" in result.stdout + result.stderr
+
+
 # ------------------------------------------------------------------ real runs
 
 
@@ -158,6 +184,18 @@ def ci_run(tmp_path_factory):
 
 def configfile(workdir: Path) -> str:
     return f"--configfile={workdir / 'config' / 'ci.yaml'}"
+
+
+@pytest.mark.slow
+def test_gsplat_build_job_records_a_cpu_run_and_sets_the_job_environment(ci_run):
+    import json
+
+    record = json.loads((ci_run / "results" / ".torch_extensions" / "gsplat_build.json").read_text())
+    assert record["built"] is False and "no CUDA GPU" in record["reason"]
+    # the variables every job inherits from the workflow: one build folder, one arch list
+    expected = ci_run / "results" / ".torch_extensions"
+    assert os.path.realpath(record["extensions_dir"]) == os.path.realpath(expected)
+    assert record["arch_list"] == "8.0;8.6;8.9;9.0+PTX"
 
 
 @pytest.mark.slow

@@ -15,14 +15,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from mgs.errors import MgsError
-from mgs.render.gsplat_backend import gsplat_available, rasterize_gsplat, scatter_means2d
-from mgs.render.projection import project_gaussians
+from mgs.render.gsplat_backend import choose_backend, rasterize_gsplat, scatter_means2d
+from mgs.render.projection import opacity_aware_radii, project_gaussians
 from mgs.render.tiles import build_tile_intersections, composite_tiles_torch
 
-__all__ = ["RenderOutput", "render", "project", "BACKENDS"]
+__all__ = ["RenderOutput", "render", "project", "choose_backend", "BACKENDS"]
 
 # "auto"/"torch"/"gsplat" are the normal choices; the last three force one compositor
 # of the torch backend (tests, benchmarks, debugging).
@@ -38,6 +39,10 @@ class RenderOutput:
     After `loss.backward()`, `means2d_grad` holds d loss / d means2d (N, 2) in pixels
     (zeros for Gaussians that were not rendered); use it for densification statistics.
     With the torch backends `means2d.grad` holds the same tensor.
+
+    `radii` has one definition on every backend (`opacity_aware_radii`: gsplat's), so "rendered"
+    (radii > 0) and the densification statistics are the same quantity on CPU and GPU.
+    All values are finite; gsplat's culled entries of means2d/depths are zeros.
     """
 
     image: Tensor  # (H, W, 3), background composited
@@ -81,22 +86,27 @@ def render(
     in [0,1], colors (N,3) RGB) with one camera; differentiable w.r.t. all of them.
 
     backend: "torch" (ours; numba-fused compositor on CPU, pure-torch tiles on GPU),
-    "gsplat" (CUDA), or "auto" (gsplat for CUDA tensors when it imports, else torch).
+    "gsplat" (CUDA), or "auto" (gsplat for CUDA tensors when its extension runs on that GPU,
+    else torch with one warning).
     """
     if backend not in BACKENDS:
         raise MgsError(f"unknown render backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     width, height = int(width), int(height)
     if background is not None:
         background = background.to(dtype=colors.dtype, device=colors.device)
-    if backend == "auto":
-        backend = "gsplat" if means.is_cuda and gsplat_available() else "torch"
+    if means.shape[0] == 0:  # before any kernel: gsplat's projection divides by N
+        return _render_empty(means, quats, scales, opacities, colors, viewmat, K, width, height,
+                             background, near_plane, eps2d)
+    backend = choose_backend(backend, means.device)
     if backend == "gsplat":
         result = rasterize_gsplat(means, quats, scales, opacities, colors, viewmat, K, width, height,
                                   background, near_plane=near_plane, eps2d=eps2d)
         if result.means2d_graph.requires_grad:
             result.means2d_graph.retain_grad()
-        return RenderOutput(image=result.rgb, alpha=result.alpha,
-                            means2d=scatter_means2d(result.means2d_graph, result.gaussian_ids, means.shape[0]),
+        means2d = scatter_means2d(result.means2d_graph, result.gaussian_ids, means.shape[0])
+        # culled rows of gsplat's means2d are uninitialised memory
+        means2d = torch.where((result.radii > 0)[:, None], means2d, torch.zeros_like(means2d))
+        return RenderOutput(image=result.rgb, alpha=result.alpha, means2d=means2d,
                             radii=result.radii, depths=result.depths,
                             _grad_source=result.means2d_graph, _grad_source_ids=result.gaussian_ids)
 
@@ -105,6 +115,23 @@ def render(
     if means2d.requires_grad:
         means2d.retain_grad()  # densification reads the screen-space gradient after backward
     rgb, alpha = _composite(backend, means2d, proj, colors, opacities, width, height)
+    image = rgb if background is None else rgb + (1.0 - alpha)[..., None] * background
+    return RenderOutput(image=image, alpha=alpha, means2d=means2d,
+                        radii=opacity_aware_radii(proj, opacities, width, height), depths=proj.depths)
+
+
+def _render_empty(means, quats, scales, opacities, colors, viewmat, K, width, height, background,
+                  near_plane, eps2d) -> RenderOutput:
+    """Zero Gaussians (every anchor culled or dropped): the background, still differentiable."""
+    proj = project_gaussians(means, quats, scales, viewmat, K, width, height, near_plane=near_plane,
+                             eps2d=eps2d)  # plain torch ops on empty tensors: shapes only
+    means2d = proj.means2d
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    # a sum over nothing (= 0) keeps the image in the graph, so loss.backward() still works
+    link = means2d.sum() + opacities.sum() + colors.sum()
+    rgb = colors.new_zeros(height, width, 3) + link
+    alpha = colors.new_zeros(height, width) + link
     image = rgb if background is None else rgb + (1.0 - alpha)[..., None] * background
     return RenderOutput(image=image, alpha=alpha, means2d=means2d,
                         radii=proj.radii_xy.max(dim=-1).values, depths=proj.depths)

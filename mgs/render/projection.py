@@ -16,6 +16,8 @@ from torch import Tensor
 # exp(-3.33**2 / 2) < 1/255: outside a 3.33-sigma box no pixel passes the alpha
 # threshold, so the box bounds every pixel a Gaussian can touch.
 RADIUS_SIGMAS = 3.33
+# Compositing skips alpha < 1/255 (gsplat's ALPHA_THRESHOLD).
+ALPHA_THRESHOLD = 1.0 / 255.0
 # The Jacobian is evaluated with x/z, y/z clamped to 1.3x the field of view; this
 # stops Gaussians far outside the image from getting huge, smeared 2D footprints.
 FOV_CLAMP_MARGIN = 0.3
@@ -29,6 +31,7 @@ class Projection:
     means2d: Tensor  # (N, 2) pixel coordinates (pixel (i, j) is sampled at i+0.5, j+0.5)
     depths: Tensor  # (N,) camera-space z
     conics: Tensor  # (N, 3) upper triangle (a, b, c) of the inverse 2D covariance
+    sigmas: Tensor  # (N, 2) pixel standard deviations along x and y (blurred 2D covariance), no grad
 
 
 def quat_to_rotation(quats: Tensor) -> Tensor:
@@ -108,7 +111,8 @@ def project_gaussians(
     )
 
     with torch.no_grad():
-        radius = torch.ceil(RADIUS_SIGMAS * torch.sqrt(torch.stack([cov2d[:, 0, 0], cov2d[:, 1, 1]], dim=-1)))
+        sigmas = torch.sqrt(torch.stack([cov2d[:, 0, 0], cov2d[:, 1, 1]], dim=-1))
+        radius = torch.ceil(RADIUS_SIGMAS * sigmas)
         on_screen = (
             (means2d[:, 0] + radius[:, 0] > 0)
             & (means2d[:, 0] - radius[:, 0] < width)
@@ -118,4 +122,27 @@ def project_gaussians(
         keep = nondegenerate & in_depth_range & on_screen
         radii_xy = torch.where(keep[:, None], radius, torch.zeros_like(radius)).to(torch.int32)
 
-    return Projection(radii_xy=radii_xy, means2d=means2d, depths=depths, conics=conics)
+    return Projection(radii_xy=radii_xy, means2d=means2d, depths=depths, conics=conics,
+                      sigmas=sigmas)
+
+
+@torch.no_grad()
+def opacity_aware_radii(proj: Projection, opacities: Tensor, width: int, height: int) -> Tensor:
+    """(N,) int32 radius of the box that holds every pixel a Gaussian renders to; 0 = not rendered.
+
+    The definition of gsplat's projection kernel when given opacities (its `radii`):
+    opacity < 1/255 is culled, the box is min(3.33, sqrt(2 ln(255 o))) sigmas, and a box off the
+    image or of radius 0 is culled. Outside that box o·exp(-d²/2) < 1/255, so no pixel composites
+    the Gaussian and its screen gradient is exactly 0: counting it as "rendered" would only dilute
+    the densification statistics. The torch compositor keeps its wider 3.33-sigma tiles (same
+    image); this is what both backends report as `radii`.
+    """
+    o = opacities.detach().to(proj.sigmas.dtype)
+    visible = (proj.radii_xy[:, 0] > 0) & (o >= ALPHA_THRESHOLD)
+    extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD))
+    radius = torch.ceil(extend.clamp(max=RADIUS_SIGMAS)[:, None] * proj.sigmas)
+    mx, my = proj.means2d[:, 0].detach(), proj.means2d[:, 1].detach()
+    on_screen = ((mx + radius[:, 0] > 0) & (mx - radius[:, 0] < width)
+                 & (my + radius[:, 1] > 0) & (my - radius[:, 1] < height))
+    keep = visible & on_screen & (radius.max(dim=-1).values > 0)
+    return torch.where(keep, radius.max(dim=-1).values, torch.zeros_like(radius[:, 0])).to(torch.int32)

@@ -62,6 +62,34 @@ def scene_names_regex(*sources):
     return "|".join(names) if names else "(?!x)x"
 
 
+# ---------------------------------------------------------------- gsplat's CUDA extension
+
+GSPLAT = config["gsplat"]
+GSPLAT_DIR = GSPLAT["extensions_dir"] or "results/.torch_extensions"
+GSPLAT_BUILD = f"{GSPLAT_DIR}/gsplat_build.json"
+GSPLAT_BUILD_LOG = f"{GSPLAT_DIR}/gsplat_build.log"
+# Set while the workflow is parsed, so every job inherits them (a SLURM job re-parses this file
+# in its own Snakemake): one build folder and one architecture list for all GPU jobs, so none
+# rebuilds for its own GPU model or deletes another's half-built extension.
+os.environ.update(
+    TORCH_EXTENSIONS_DIR=os.path.abspath(GSPLAT_DIR),
+    TORCH_CUDA_ARCH_LIST=GSPLAT["arch_list"],
+)
+
+
+def may_use_gsplat(scene):
+    train = scene["train"]
+    return train["backend"] != "torch" and train["device"] != "cpu"
+
+
+def gsplat_build_input(wildcards):
+    """The built extension for a GPU job of a scene that may render with gsplat; ancient, so
+    a rebuild (a wiped extensions_dir) reruns nothing downstream."""
+    if GSPLAT["build"] and may_use_gsplat(scene_config(wildcards)):
+        return ancient(GSPLAT_BUILD)
+    return []
+
+
 # ---------------------------------------------------------------- paths
 
 RUN = "results/{scene}"
@@ -84,6 +112,7 @@ def partition_input(wildcards):
     }
     if scene_config(wildcards)["partition"]["assignment"] == "ssim":
         inputs["coarse"] = coarse_checkpoint(wildcards)
+        inputs["gsplat"] = gsplat_build_input(wildcards)
     return inputs
 
 
@@ -212,6 +241,7 @@ def train_block_input(wildcards):
     return {
         "block": round_state(wildcards, r - 1, wildcards.b),
         "shared": round_state(wildcards, r - 1),
+        "gsplat": gsplat_build_input(wildcards),
     }
 
 
@@ -228,6 +258,7 @@ def finalize_input(wildcards):
     return {
         "block": round_state(wildcards, last, wildcards.b),
         "shared": round_state(wildcards, last),
+        "gsplat": gsplat_build_input(wildcards),
     }
 
 

@@ -6,6 +6,7 @@ rule evaluate:
         config=ancient("results/{scene}/config.yaml"),
         decoder="results/{scene}/model/decoder.pt",
         anchors="results/{scene}/model/anchors.ply",
+        gsplat=gsplat_build_input,
     output:
         metrics=report(
             "results/{scene}/eval/metrics.json",

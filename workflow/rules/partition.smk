@@ -6,6 +6,7 @@ rule coarse:
     input:
         config=ancient("results/{scene}/config.yaml"),
         scene="results/{scene}/scene/scene.json",
+        gsplat=gsplat_build_input,
     output:
         "results/{scene}/coarse/checkpoint.pt",
     log:

@@ -1,0 +1,20 @@
+# gsplat's CUDA extension, compiled once into gsplat.extensions_dir on a GPU node before any GPU
+# job (their input); a no-op record where no GPU is visible. workflow/README.md, "GPU jobs".
+
+
+rule gsplat_build:
+    output:
+        GSPLAT_BUILD,
+    log:
+        GSPLAT_BUILD_LOG,
+    conda:
+        "../../envs/mgs.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=60,
+    params:
+        arch=GSPLAT["arch_list"],
+    shell:
+        "MAX_JOBS={threads} python -m mgs.gsplat_build --out {output} > {log} 2>&1"
