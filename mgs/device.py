@@ -23,6 +23,12 @@ def resolve_device(name: str = "auto", lock_dir: str | Path | None = None,
     """`auto` → a free GPU (locked for this process) or the CPU; `cpu`, `cuda`, `cuda:N` as given."""
     if name == "auto":
         if not torch.cuda.is_available() and gpu_count is None:
+            granted = slurm_gpus()
+            if granted:  # a GPU job on a node whose torch sees none: fail, never train on CPU
+                raise InputError(f"SLURM gave this job GPU(s) {granted} but torch sees no CUDA "
+                                 f"device (torch {torch.__version__}, CUDA build: "
+                                 f"{torch.version.cuda or 'none'}); install a CUDA build of torch "
+                                 "in the job's environment, or set device: cpu to run on CPU")
             return torch.device("cpu")
         count = torch.cuda.device_count() if gpu_count is None else gpu_count
         if count > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -34,6 +40,15 @@ def resolve_device(name: str = "auto", lock_dir: str | Path | None = None,
         return torch.device(name)
     except RuntimeError as exc:
         raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+
+
+def slurm_gpus() -> str:
+    """The GPUs SLURM allocated to this job ('' outside a SLURM GPU job)."""
+    for key in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        value = os.environ.get(key, "").strip()
+        if value:
+            return value
+    return ""
 
 
 def claim_free_gpu(count: int, lock_dir: str | Path | None = None) -> int:
