@@ -60,7 +60,7 @@ rule scene_images:
         out=subpath(output[0], parent=True),
         settings=stage_trigger("scene"),
     shell:
-        "mgs sfm {input.images} {params.out} --config {input.config} > {log} 2>&1"
+        "mgs sfm {input.images:q} {params.out} --config {input.config} > {log} 2>&1"
 
 
 rule scene_ingest:
@@ -85,5 +85,5 @@ rule scene_ingest:
         up=ingest_up,
         settings=stage_trigger("scene"),
     shell:
-        "mgs ingest {params.dataset} {input.source} {params.out} "
+        "mgs ingest {params.dataset} {input.source:q} {params.out} "
         "--factor {params.factor} {params.up} > {log} 2>&1"
