@@ -16,7 +16,10 @@ from snakemake.utils import validate
 
 INGEST_SOURCES = ("colmap", "mill19", "urbanscene3d", "matrixcity")
 # keys that change how fast a job runs, not what it writes: never a reason to rerun
-COMPUTE_KEYS = {"train": ("device", "backend", "threads", "checkpoint_interval")}
+COMPUTE_KEYS = {
+    "train": ("device", "backend", "threads", "checkpoint_interval"),
+    "sfm": ("threads",),
+}
 
 
 def _check_config():
@@ -132,7 +135,39 @@ def coarse_steps(wildcards):
 
 
 def ingest_source(wildcards):
-    return scene_config(wildcards)["path"]
+    """The dataset folder, ancient: its own mtime changes with any stray file and misses an
+    image changed deeper down, so `source_manifest` (a params) tracks the content instead.
+    """
+    return ancient(scene_config(wildcards)["path"])
+
+
+# files of a dataset folder that shape a scene: images and COLMAP models
+DATASET_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bin", ".txt", ".npy"}
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_manifest(path):
+    lines = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if (
+                name.startswith(".")
+                or Path(name).suffix.lower() not in DATASET_SUFFIXES
+            ):
+                continue
+            stat = os.stat(os.path.join(root, name))
+            lines.append(
+                f"{os.path.relpath(os.path.join(root, name), path)}\t"
+                f"{stat.st_size}\t{stat.st_mtime_ns}"
+            )
+    return _digest(lines)
+
+
+def source_manifest(wildcards):
+    """Digest of the dataset's image and model files (names, sizes, mtimes): a rerun trigger."""
+    path = scene_config(wildcards)["path"]
+    return _folder_manifest(path) if os.path.isdir(path) else "missing"
 
 
 def ingest_dataset(wildcards):
@@ -175,7 +210,7 @@ def stage_keys(stage, scene):
     """The config values that shape a stage's outputs (compute keys left out)."""
     base = {k: scene[k] for k in ("source", "path", "resolution", "up")}
     if stage == "scene":
-        return dict(base, synthetic=scene["synthetic"], sfm=scene["sfm"])
+        return dict(base, synthetic=scene["synthetic"], sfm=_section(scene, "sfm"))
     if stage == "coarse":
         return dict(
             base, train=_section(scene, "train"), steps=scene["coarse_iterations"]
