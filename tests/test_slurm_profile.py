@@ -101,10 +101,25 @@ def fake_partitioned_scene(workdir: Path, scene: str, blocks: int, train: int, t
 
 
 @pytest.fixture(scope="module")
-def demo_jobs(tmp_path_factory):
+def demo_workdir(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("demo"))
     fake_partitioned_scene(workdir, "demo", blocks=4, train=72, test=8)
-    return dry_jobs(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def demo_jobs(demo_workdir):
+    return dry_jobs(demo_workdir)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("results/nosuch/final/block_0.pt", "scene 'nosuch' is not in the config (configured: "),
+    ("results/demo/rounds/1/block_9.pt", "block 9 of scene demo is not in its partition"),
+])
+def test_unknown_scene_or_block_is_a_clear_error(demo_workdir, target, message):
+    result = snakemake(demo_workdir, "-n", "-R", target, target, check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr, (result.stdout + result.stderr)[-2000:]
 
 
 @pytest.fixture(scope="module")
