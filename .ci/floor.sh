@@ -4,8 +4,8 @@
 # mgs itself comes from VENV (default .venv), on PATH for the workflow's preflight.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 VENV=${VENV:-.venv}
+VENV_BIN=$(cd "$VENV/bin" && pwd)
 floor() { sed -n "s/^ *\"$1>=\([0-9.]*\)\",*/\1/p" pyproject.toml; }
 SNAKEMAKE=$(floor snakemake)
 PLUGIN=$(floor snakemake-executor-plugin-slurm)
@@ -17,7 +17,7 @@ python3 -m venv "$WORK/venv"
 cp -r Snakefile workflow config profiles envs "$WORK/"
 cp -P slurm "$WORK/"
 cd "$WORK"
-PATH="$WORK/venv/bin:$(cd "$REPO/$VENV/bin" && pwd):$PATH" "$WORK/venv/bin/snakemake" \
+PATH="$WORK/venv/bin:$VENV_BIN:$PATH" "$WORK/venv/bin/snakemake" \
     --profile slurm -n >"$WORK/dry.log" 2>&1 || { tail -n 30 "$WORK/dry.log"; exit 1; }
 grep -q "slurm_partition=cpu" "$WORK/dry.log" || { echo "floor.sh: the slurm profile was not used" >&2; exit 1; }
 echo "floor versions: snakemake $SNAKEMAKE, snakemake-executor-plugin-slurm $PLUGIN: dry run with --profile slurm passed"
