@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Real SLURM in CI: a one-node cluster with two fake GPUs, the CI-sized scene through
-#   snakemake --profile profiles/slurm --profile .ci/slurm-profile --configfile config/ci.yaml
-# Checks that the block jobs went through sbatch with --gpus=1, that 4 blocks ran on the 2 GPU
-# slots, and that a block job cancelled with scancel is retried and the workflow completes.
+#   snakemake --profile slurm --profile .ci/slurm-profile --configfile config/ci.yaml .ci/slurm-cpu.yaml
+# (`--profile slurm` as users type it, from the repository root). Checks that the block jobs went
+# through sbatch with --gpus=1, that 4 blocks ran on the 2 GPU slots, that sync ran on the submit
+# host (no sbatch), and that a block job cancelled with scancel is retried and the workflow completes.
 # Needs root and apt (Debian/Ubuntu). Uses VENV (default .venv) for snakemake and mgs.
 # Everything else lives in a temporary folder; the daemons are stopped on exit.
 set -euo pipefail
@@ -125,6 +126,7 @@ echo "SLURM up: node $HOST, 2 CPUs, gres $(sinfo -h -o %G | head -n 1), partitio
 
 # ------------------------------------------------------------------ workflow
 cp -r Snakefile workflow config profiles envs .ci "$RUN/"
+cp -P slurm "$RUN/"
 cd "$RUN"
 
 # Cancel one block job once it has written an in-job checkpoint: the workflow must retry it.
@@ -151,8 +153,8 @@ watch_and_cancel &
 WATCH_PID=$!
 
 wf_start=$(date +%s)
-snakemake --profile profiles/slurm --profile .ci/slurm-profile --configfile config/ci.yaml \
-    --verbose >"$WORK/snakemake.log" 2>&1
+snakemake --profile slurm --profile .ci/slurm-profile \
+    --configfile config/ci.yaml .ci/slurm-cpu.yaml --verbose >"$WORK/snakemake.log" 2>&1
 wf_wall=$(($(date +%s) - wf_start))
 wait "$WATCH_PID" || true
 WATCH_PID=
@@ -168,6 +170,8 @@ gpu_lines=$(printf '%s\n' "$sbatch_lines" | grep -- '--gpus=1' || true)
 n_gpu=$(printf '%s\n' "$gpu_lines" | grep -c . || true)
 n_block=$(printf '%s\n' "$gpu_lines" | grep -c 'rule_train_block_' || true)
 n_final=$(printf '%s\n' "$gpu_lines" | grep -c 'rule_finalize_block_' || true)
+n_sync=$(printf '%s\n' "$sbatch_lines" | grep -c 'rule_sync_' || true)
+# submit-to-start latency of each job: SubmitTime to StartTime in slurmctld's records
 submitted=$(grep -c '_slurm_rpc_submit_batch_job' "$WORK/slurmctld.log" || true)
 
 # Completed jobs stay in slurmctld for MinJobAge (600 s): when each GPU job ran.
@@ -198,6 +202,13 @@ echo "block jobs per GPU: ${gpu_slots:-none}most block jobs at once: $overlap"
 if [ -s "$WORK/cancelled" ]; then
     echo "scancel: job $(cat "$WORK/cancelled") cancelled; retried and completed"
 fi
+latency=$({ grep -o 'SubmitTime=[^ ]* EligibleTime=[^ ]* AccrueTime=[^ ]* StartTime=[^ ]*' \
+    "$WORK/jobs.txt" || true; } | sed 's/SubmitTime=//; s/ EligibleTime=[^ ]* AccrueTime=[^ ]* StartTime=/ /' |
+    while read -r submit begin; do
+        echo $(($(date -d "$begin" +%s) - $(date -d "$submit" +%s)))
+    done | sort -n | awk '{a[NR] = $1; s += $1} END {if (NR) printf "mean %.1f s, median %d s, max %d s over %d jobs", s / NR, a[int((NR + 1) / 2)], a[NR], NR}')
+echo "submit-to-start latency: ${latency:-none}"
+echo "sync jobs submitted: $n_sync (sync is a local rule)"
 echo "workflow wall time: ${wf_wall} s"
 
 blocks=$(python3 -c 'import json; print(len(json.load(open("results/ci/partition/partition.json"))["blocks"]))')
@@ -208,6 +219,7 @@ rounds=2
 [ "$overlap" -eq 2 ] || fail "expected 2 GPU jobs at once on 2 GPUs, saw $overlap"
 [ "$n_slots" -eq 2 ] || fail "expected block jobs on both GPUs, got: $gpu_slots"
 [ -s "$WORK/cancelled" ] || fail "no block job was cancelled"
+[ "$n_sync" -eq 0 ] || fail "sync went through sbatch $n_sync times; it is a local rule"
 [ "$n_block" -eq $((blocks * rounds + 1)) ] ||
     fail "expected $((blocks * rounds)) block submissions + 1 retry, got $n_block"
 grep -q 'resuming block_' results/ci/logs/train_block/round_*/block_*.log ||

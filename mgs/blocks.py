@@ -2,7 +2,10 @@
 
 Run folder layout (`results/{scene}/`): `scene/`, `partition/partition.json`, `config.yaml`,
 `rounds/{r}/shared.pt` (student average, teacher, block weights and metric EMAs after sync r),
-`rounds/{r}/block_{b}.pt` (block b after round r), `final/block_{b}.pt` (after finalize).
+`rounds/{r}/block_{b}.pt` (block b after round r: anchors, decoder, optimizer and densify state),
+`rounds/{r}/decoder_{b}.pt` (the small part of it that sync reads: student, teacher, validation
+metrics, loss sums, anchor count, history), `final/block_{b}.pt` (after finalize; with
+final_iterations 0 there is no finalize and the last round's blocks are final).
 Every job reads only files of the previous round and writes only its own outputs, atomically.
 """
 
@@ -68,7 +71,13 @@ class Run:
     def block_path(self, round_index: int, block: int) -> Path:
         return self.root / "rounds" / str(round_index) / f"block_{block}.pt"
 
+    def decoder_path(self, round_index: int, block: int) -> Path:
+        return self.root / "rounds" / str(round_index) / f"decoder_{block}.pt"
+
     def final_path(self, block: int) -> Path:
+        """The block as merged: after finalize, or after the last round without one."""
+        if self.momentum.final_iterations == 0:
+            return self.block_path(self.momentum.rounds, block)
         return self.root / "final" / f"block_{block}.pt"
 
     def load(self, path: Path) -> dict:
@@ -189,10 +198,25 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
     result = dict(trainer.state(), history=history, round=round_index, block=block,
                   val_psnr=metrics["psnr"], val_ssim=metrics["ssim"], val_psnr_start=start_psnr)
     run.save(out_path, result)
+    if not finalize:  # what sync reads: kilobytes, not the full block
+        run.save(run.decoder_path(round_index, block), decoder_summary(result))
     partial_path.unlink(missing_ok=True)
     log.info("block %d %s: validation PSNR %.2f dB (%.2f at its start), SSIM %.4f, %d anchors",
              block, desc, metrics["psnr"], start_psnr, metrics["ssim"], trainer.anchors.count)
     return result
+
+
+SUMMARY_KEYS = ("round", "block", "step", "decoder", "val_psnr", "val_ssim", "val_psnr_start",
+                "loss_sums", "history")
+
+
+def decoder_summary(result: dict) -> dict:
+    """The part of a block round that sync and the report read (no anchors, no optimizer)."""
+    summary = {key: result[key] for key in SUMMARY_KEYS if key in result}
+    if "teacher" in result:
+        summary["teacher"] = result["teacher"]
+    summary["anchors"] = len(result["anchors"]["xyz"])
+    return summary
 
 
 def train_block(run: Run, round_index: int, block: int, stop_after: int | None = None) -> dict:
@@ -212,7 +236,7 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     momentum = run.momentum
     previous = run.load(run.shared_path(round_index - 1))
     n = len(previous["weights"])
-    blocks = [run.load(run.block_path(round_index, b)) for b in range(n)]
+    blocks = [run.load(run.decoder_path(round_index, b)) for b in range(n)]
     decay = momentum.sync_metric_decay
     psnr_ema = [update_metric_ema(float(previous["psnr_ema"][b]), blocks[b]["val_psnr"], decay)
                 for b in range(n)]
@@ -258,11 +282,14 @@ def _sync_row(round_index: int, b: int, block: dict, previous_psnr: float, avera
             "weight": weight, "psnr_start": block["val_psnr_start"],
             "previous_sync_cost": sync_cost, "consistency_share": share,
             "student_drift": state_distance(block["decoder"], average),
-            "teacher_gap": state_distance(average, teacher), "anchors": len(block["anchors"]["xyz"])}
+            "teacher_gap": state_distance(average, teacher), "anchors": int(block["anchors"])}
 
 
 def finalize_block(run: Run, block: int, stop_after: int | None = None) -> dict:
     """Decoder frozen at the last average; anchors fine-tuned for final_iterations."""
+    if run.momentum.final_iterations == 0:
+        raise InputError("momentum.final_iterations is 0: there is nothing to finalize (merge "
+                         "reads the last round's blocks)")
     last = run.momentum.rounds
     source = run.load(run.block_path(last, block))
     shared = run.load(run.shared_path(last))
@@ -281,6 +308,7 @@ def train_all(run: Run, model_dir: str | Path | None = None) -> None:
         for b in range(n):
             train_block(run, r, b)
         sync_round(run, r)
-    for b in range(n):
-        finalize_block(run, b)
+    if run.momentum.final_iterations:
+        for b in range(n):
+            finalize_block(run, b)
     merge_blocks(run, model_dir or run.root / "model")

@@ -24,6 +24,7 @@ if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_T
 
 from mgs.config import check_known_keys, yaml_section
 from mgs.errors import MgsError
+from mgs.preflight import add_parser as add_preflight
 
 log = logging.getLogger("mgs")
 
@@ -354,8 +355,11 @@ def _run_evaluate(args) -> None:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="tables and figures for every evaluated run under a folder "
                                       "(Markdown and self-contained HTML)")
-    p.add_argument("--results", required=True,
-                   help="folder searched for run folders (any folder with eval/metrics.json)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--results",
+                       help="folder searched for run folders (any folder with eval/metrics.json)")
+    where.add_argument("--runs", nargs="+", metavar="RUN",
+                       help="exactly these run folders (the workflow passes its scenes')")
     p.add_argument("--out", required=True, help="report folder (report.md, report.html, *.png)")
     p.add_argument("--paper-tables", help="CSV of the paper's numbers (default: the copy shipped "
                                           "with mgs, Momentum-GS arXiv 2412.04887v2)")
@@ -367,7 +371,7 @@ def _add_report(sub) -> None:
 def _run_report(args) -> None:
     from mgs.report import make_report
 
-    path = make_report(args.results, args.out, args.paper_tables, args.ablation)
+    path = make_report(args.results, args.out, args.paper_tables, args.ablation, args.runs)
     log.info("wrote %s", path)
 
 
@@ -384,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_block_verbs(sub)
     _add_evaluate(sub)
     _add_report(sub)
+    add_preflight(sub)
     return parser
 
 

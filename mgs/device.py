@@ -41,6 +41,12 @@ def resolve_device(name: str = "auto", lock_dir: str | Path | None = None,
         name = os.environ["MGS_DEVICE"]
     if name == "auto":
         if not torch.cuda.is_available() and gpu_count is None:
+            granted = slurm_gpus()
+            if granted:  # a GPU job on a node whose torch sees none: fail, never train on CPU
+                raise InputError(f"SLURM gave this job GPU(s) {granted} but torch sees no CUDA "
+                                 f"device (torch {torch.__version__}, CUDA build: "
+                                 f"{torch.version.cuda or 'none'}); install a CUDA build of torch "
+                                 "in the job's environment, or set device: cpu to run on CPU")
             return torch.device("cpu")
         count = torch.cuda.device_count() if gpu_count is None else gpu_count
         if count > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -90,6 +96,15 @@ def default_lock_dir() -> Path:
         raise InputError(f"GPU lock folder {folder} belongs to another user; set MGS_LOCK_DIR "
                          "to a folder of yours")
     return folder
+
+
+def slurm_gpus() -> str:
+    """The GPUs SLURM allocated to this job ('' outside a SLURM GPU job)."""
+    for key in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        value = os.environ.get(key, "").strip()
+        if value:
+            return value
+    return ""
 
 
 def claim_free_gpu(count: int, lock_dir: str | Path | None = None) -> int:

@@ -17,6 +17,7 @@ import importlib.resources
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,11 @@ def load_paper_tables(path: str | Path | None = None) -> pd.DataFrame:
     return table
 
 
-def find_runs(results: Path, paper_scenes: set[str], skip: Path | None = None) -> list[RunInfo]:
+def find_runs(results: Path, paper_scenes: set[str], skip: Path | None = None,
+              run_dirs: list[Path] | None = None) -> list[RunInfo]:
+    """Evaluated runs under `results`, or exactly `run_dirs` (below `results`) when given."""
     runs = []
-    for root in _run_folders(results, skip):
+    for root in _run_folders(results, skip) if run_dirs is None else run_dirs:
         metrics_path = root / "eval" / "metrics.json"
         try:
             metrics = json.loads(metrics_path.read_text())
@@ -223,9 +226,19 @@ def _final_block_stats(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 — one unreadable block only blanks its row
         log.warning("cannot read %s (%s)", path, exc)
         return {}
-    anchors = data.get("anchors", {}).get("xyz")
-    return {"anchors": None if anchors is None else int(anchors.shape[0]),
+    anchors = data.get("anchors")  # a count in round summaries, tensors in full blocks
+    if isinstance(anchors, dict):
+        anchors = None if anchors.get("xyz") is None else int(anchors["xyz"].shape[0])
+    return {"anchors": None if anchors is None else int(anchors),
             "final PSNR": data.get("val_psnr"), "final SSIM": data.get("val_ssim")}
+
+
+def _last_summary(root: Path, block: int) -> Path | None:
+    rounds = sorted((int(d.name), d) for d in (root / "rounds").glob("*") if d.name.isdigit())
+    for _, folder in reversed(rounds):
+        if (folder / f"decoder_{block}.pt").is_file():
+            return folder / f"decoder_{block}.pt"
+    return None
 
 
 def blocks_table(runs: list[RunInfo]) -> pd.DataFrame:
@@ -241,7 +254,10 @@ def blocks_table(runs: list[RunInfo]) -> pd.DataFrame:
             b = int(block["id"])
             row = {"run": run.id, "block": b, "train cameras": len(block["train_cameras"]),
                    "validation cameras": len(block["validation_cameras"])}
-            row.update(_final_block_stats(run.root / "final" / f"block_{b}.pt"))
+            final = run.root / "final" / f"block_{b}.pt"
+            if not final.is_file():  # final_iterations 0: the last round's summary
+                final = _last_summary(run.root, b) or final
+            row.update(_final_block_stats(final))
             row["weight"] = float(last.loc[b, "weight"]) if last is not None and b in last.index \
                 else math.nan
             rows.append(row)
@@ -291,17 +307,29 @@ FIGURE_CAPTIONS = {
 }
 
 
-def make_report(results: str | Path, out_dir: str | Path,
+def make_report(results: str | Path | None, out_dir: str | Path,
                 paper_tables: str | Path | None = None,
-                ablation: str | Path | None = None) -> Path:
+                ablation: str | Path | None = None,
+                run_dirs: list[str | Path] | None = None) -> Path:
     """Write REPORT_DIR/report.md, report.html, figure PNGs and table CSVs; returns the HTML path.
+    `run_dirs`: exactly these run folders (what the workflow passes: the scenes it built);
+    otherwise every evaluated run found under `results`.
     `ablation`: a multi-seed summary.csv of benchmarks/ablation.py, shown beside Table 5."""
+    if run_dirs:
+        run_dirs = [Path(d) for d in run_dirs]
+        for folder in run_dirs:
+            if not (folder / "eval" / "metrics.json").is_file():
+                raise InputError(f"run folder {folder} has no eval/metrics.json; run "
+                                 f"`mgs evaluate --run {folder}` first")
+        results = Path(os.path.commonpath([d.resolve().parent for d in run_dirs]))
+        run_dirs = [d.resolve() for d in run_dirs]
     results = Path(results)
     if not results.is_dir():
         raise InputError(f"results folder {results} does not exist")
     out = ensure_writable_dir(out_dir)
     paper = load_paper_tables(paper_tables)
-    runs = find_runs(results, set(paper["scene"].str.lower()), skip=out.resolve())
+    runs = find_runs(results, set(paper["scene"].str.lower()), skip=out.resolve(),
+                     run_dirs=run_dirs)
     if not runs:
         raise InputError(f"no evaluated runs under {results} (no */eval/metrics.json); run "
                          "`mgs evaluate --run RUN` first")

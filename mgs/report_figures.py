@@ -130,7 +130,10 @@ def loss_histories(root: Path) -> pd.DataFrame:
     """Training history rows of every block checkpoint (rounds and final), with a block column."""
     rows = []
     for _, round_dir in _numbered((root / "rounds").glob("*"), r"(\d+)"):
-        for block, path in _numbered(round_dir.glob("block_*.pt"), r"block_(\d+)\.pt"):
+        # the round summaries (decoder_*.pt) carry the history; older runs only full blocks
+        summaries = _numbered(round_dir.glob("decoder_*.pt"), r"decoder_(\d+)\.pt")
+        for block, path in summaries or _numbered(round_dir.glob("block_*.pt"),
+                                                  r"block_(\d+)\.pt"):
             rows += [dict(r, block=block, phase="rounds") for r in _history(path)]
     for block, path in _numbered((root / "final").glob("block_*.pt"), r"block_(\d+)\.pt"):
         rows += [dict(r, block=block, phase="final") for r in _history(path)]

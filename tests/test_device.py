@@ -76,3 +76,28 @@ def test_mgs_device_overrides_auto_only(monkeypatch):
     monkeypatch.setenv("MGS_DEVICE", "tpu")
     with pytest.raises(InputError, match="tpu"):
         resolve_device("auto")
+
+
+def test_auto_on_a_slurm_gpu_job_without_cuda_is_an_error(monkeypatch, no_device_override):
+    """A GPU job whose torch sees no CUDA must fail, not train for hours on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("SLURM_STEP_GPUS", raising=False)
+    monkeypatch.delenv("SLURM_JOB_GPUS", raising=False)
+    assert resolve_device("auto").type == "cpu"  # not a SLURM GPU job: the CPU is fine
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0")
+    with pytest.raises(InputError, match="SLURM gave this job GPU"):
+        resolve_device("auto")
+    assert resolve_device("cpu").type == "cpu"  # chosen explicitly: allowed
+
+
+def test_preflight_finds_the_lpips_weights_and_reports_what_is_missing(monkeypatch):
+    from mgs import preflight
+
+    assert preflight.problems() == []  # this test environment is complete
+    monkeypatch.setattr(preflight, "LPIPS_FILES", ("alexnet.ckpt", "no-such-net.ckpt"))
+    assert any("no-such-net.ckpt" in p for p in preflight.problems())
+    with pytest.raises(InputError, match="preflight failed"):
+        preflight.check()

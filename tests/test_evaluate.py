@@ -229,6 +229,19 @@ def test_report_has_paper_ablation_block_tables_and_figures(evaluated_run, tmp_p
     assert "rubble_renders.png" in md
 
 
+def test_report_of_explicit_runs_reads_no_other_folder(evaluated_run, tmp_path):
+    """`--runs` (what the workflow passes): only those runs, though others sit beside them."""
+    results = tmp_path / "results"
+    for name in ("this_scene", "stale_scene"):
+        shutil.copytree(evaluated_run[0].root, results / name, symlinks=True)
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(results / "this_scene"), "--out", str(out)]) == 0
+    assert list(pd.read_csv(out / "results.csv")["run"]) == ["this_scene"]
+    assert main(["report", "--results", str(results), "--out", str(out)]) == 0  # scans: both
+    assert len(pd.read_csv(out / "results.csv")) == 2
+    assert main(["report", "--runs", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
 def test_report_shows_the_seed_ablation_beside_table_5(evaluated_run, tmp_path):
     run = evaluated_run[0]
     metrics = ("psnr", "ssim", "lpips_vgg", "psnr_cc", "ssim_cc", "lpips_vgg_cc")

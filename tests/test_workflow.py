@@ -25,7 +25,7 @@ from mgs.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs", "slurm")
 SECTIONS = {"synthetic": SyntheticConfig, "sfm": SfmConfig, "partition": PartitionConfig,
             "train": TrainConfig, "momentum": MomentumConfig}
 SCENE = "ci"
@@ -35,7 +35,10 @@ RUN = Path("results") / SCENE
 def copy_workflow(dest: Path) -> Path:
     for name in WORKFLOW_FILES:
         source = REPO / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
+        if source.is_symlink():  # ./slurm -> profiles/slurm
+            os.symlink(os.readlink(source), dest / name)
+        else:
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
     return dest
 
 
@@ -48,8 +51,9 @@ def job_env() -> dict[str, str]:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(snakemake_command(*args), cwd=workdir, env=job_env(),
+def snakemake(workdir: Path, *args: str, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(snakemake_command(*args), cwd=workdir, env={**job_env(), **(env or {})},
                             capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stderr[-4000:]}")

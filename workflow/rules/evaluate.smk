@@ -22,9 +22,9 @@ rule evaluate:
     conda:
         "../../envs/mgs.yaml"
     resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
+        gpu=gpu("evaluate"),
+        mem_mb=mem_mb("evaluate"),
+        runtime=runtime("evaluate"),
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("final"),

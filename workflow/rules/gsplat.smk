@@ -11,7 +11,7 @@ rule gsplat_build:
         "../../envs/mgs.yaml"
     threads: 4
     resources:
-        gpu=1,
+        gpu=gpu("gsplat_build"),
         mem_mb=16000,
         runtime=60,
     params:

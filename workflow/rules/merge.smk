@@ -1,4 +1,5 @@
 # The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply.
+# Its blocks are final/ (after finalize) or the last round's when final_iterations is 0.
 
 
 rule merge:
@@ -16,8 +17,8 @@ rule merge:
     conda:
         "../../envs/mgs.yaml"
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=mem_mb("merge"),
+        runtime=runtime("merge"),
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("final"),

@@ -16,9 +16,9 @@ rule coarse:
     conda:
         "../../envs/mgs.yaml"
     resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=120,
+        gpu=gpu("coarse"),
+        mem_mb=mem_mb("coarse"),
+        runtime=runtime("coarse"),
     params:
         scene=subpath(input.scene, parent=True),
         out=subpath(output[0], parent=True),
@@ -45,10 +45,45 @@ checkpoint partition:
         "results/{scene}/logs/partition.log",
     benchmark:
         "results/{scene}/benchmarks/partition.tsv"
+    wildcard_constraints:
+        scene=ssim_scenes_regex(False),
+    conda:
+        "../../envs/mgs.yaml"
+    params:
+        scene=subpath(input.scene, parent=True),
+        out=subpath(output.json, parent=True),
+        settings=stage_trigger("partition"),
+    shell:
+        "mgs partition --scene {params.scene} --out {params.out} --config {input.config} "
+        "> {log} 2>&1"
+
+
+# assignment: ssim renders the coarse model once per camera and block: a GPU job, on the GPU
+# partition of a cluster profile (a checkpoint of its own, so a profile can place it there).
+checkpoint partition_ssim:
+    input:
+        unpack(partition_input),
+    output:
+        json="results/{scene}/partition/partition.json",
+        tsv="results/{scene}/partition/partition.tsv",
+        png=report(
+            "results/{scene}/partition/partition.png",
+            caption="../report/partition.rst",
+            category="Partition",
+            labels={"scene": "{scene}"},
+        ),
+    log:
+        "results/{scene}/logs/partition.log",
+    benchmark:
+        "results/{scene}/benchmarks/partition.tsv"
+    wildcard_constraints:
+        scene=ssim_scenes_regex(True),
     conda:
         "../../envs/mgs.yaml"
     resources:
-        gpu=partition_gpus,
+        gpu=gpu("partition_ssim"),
+        mem_mb=mem_mb("partition"),
+        runtime=runtime("partition"),
     params:
         scene=subpath(input.scene, parent=True),
         out=subpath(output.json, parent=True),

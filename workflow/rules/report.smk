@@ -43,8 +43,9 @@ rule report:
     conda:
         "../../envs/mgs.yaml"
     params:
-        results=subpath(output.html, ancestor=2),
+        # exactly the scenes of this invocation, never whatever else is under results/
+        runs=report_runs,
         out=subpath(output.html, parent=True),
         settings=report_settings,
     shell:
-        "mgs report --results {params.results} --out {params.out} > {log} 2>&1"
+        "mgs report --runs {params.runs} --out {params.out} > {log} 2>&1"

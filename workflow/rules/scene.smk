@@ -59,8 +59,9 @@ rule scene_images:
     params:
         out=subpath(output[0], parent=True),
         settings=stage_trigger("scene"),
+        source=source_manifest,
     shell:
-        "mgs sfm {input.images} {params.out} --config {input.config} > {log} 2>&1"
+        "mgs sfm {input.images:q} {params.out} --config {input.config} > {log} 2>&1"
 
 
 rule scene_ingest:
@@ -84,6 +85,7 @@ rule scene_ingest:
         factor=ingest_factor,
         up=ingest_up,
         settings=stage_trigger("scene"),
+        source=source_manifest,
     shell:
-        "mgs ingest {params.dataset} {input.source} {params.out} "
+        "mgs ingest {params.dataset} {input.source:q} {params.out} "
         "--factor {params.factor} {params.up} > {log} 2>&1"

@@ -1,5 +1,6 @@
 # Momentum-GS rounds: init (round 0) -> for r in 1..R: train_block per block -> sync -> after R:
-# finalize_block per block. Every job reads only the previous round's files.
+# finalize_block per block (none when final_iterations is 0). Every job reads only the previous
+# round's files. Cluster requests (memory, time, GPU) are computed in common.smk.
 
 
 rule init:
@@ -27,7 +28,9 @@ rule train_block:
         unpack(train_block_input),
         config=ancient("results/{scene}/config.yaml"),
     output:
-        "results/{scene}/rounds/{r}/block_{b}.pt",
+        block="results/{scene}/rounds/{r}/block_{b}.pt",
+        # student, teacher and metrics only: what sync reads
+        decoder="results/{scene}/rounds/{r}/decoder_{b}.pt",
     log:
         "results/{scene}/logs/train_block/round_{r}/block_{b}.log",
     benchmark:
@@ -36,9 +39,9 @@ rule train_block:
         "../../envs/mgs.yaml"
     threads: 1
     resources:
-        gpu=1,
-        mem_mb=4000,
-        runtime=60,
+        gpu=gpu("train_block"),
+        mem_mb=mem_mb("block"),
+        runtime=runtime("block"),
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("blocks"),
@@ -47,6 +50,8 @@ rule train_block:
         "> {log} 2>&1"
 
 
+# A local rule: it reads kilobytes (the blocks' decoder summaries), so it runs on the submit
+# host in seconds and a round waits in the queue once, for its block jobs only.
 rule sync:
     input:
         unpack(sync_input),
@@ -60,9 +65,6 @@ rule sync:
         "results/{scene}/benchmarks/sync/round_{r}.tsv"
     conda:
         "../../envs/mgs.yaml"
-    resources:
-        mem_mb=4000,
-        runtime=15,
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("blocks"),
@@ -84,9 +86,9 @@ rule finalize_block:
         "../../envs/mgs.yaml"
     threads: 1
     resources:
-        gpu=1,
-        mem_mb=4000,
-        runtime=60,
+        gpu=gpu("finalize_block"),
+        mem_mb=mem_mb("block"),
+        runtime=runtime("block"),
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("final"),
