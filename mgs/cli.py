@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
     os.environ.setdefault("NUMBA_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
+from mgs.atomic import refuse_overlap
 from mgs.config import check_known_keys, yaml_section
 from mgs.errors import MgsError
 
@@ -83,6 +84,7 @@ def _run_train(args) -> None:
     if args.device is not None:
         values["device"] = args.device
     config = TrainConfig.from_dict(values, source=args.config or "command line")
+    refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config})
     summary = train_scene(args.scene, args.out, config, resume=args.resume)
     print(json.dumps(summary, indent=2))
 
@@ -197,6 +199,8 @@ def _run_configure(args) -> None:
     text = ("# Written by `mgs configure` from the workflow config; edit that instead.\n"
             + yaml.dump(flat, Dumper=Dumper, sort_keys=False, default_flow_style=False))
     out = Path(args.out)
+    if args.config is not None:
+        refuse_overlap(out, {"workflow config": args.config}, "output file")
     if out.is_file() and out.read_text() == text:
         log.info("%s is up to date", out)
         return
@@ -254,6 +258,14 @@ def _add_block_verbs(sub) -> None:
         ("--out", dict(help="model folder (default RUN/model)")))
 
 
+def _run_inputs(root: Path, config: str | None) -> dict:
+    """The parts of a run folder that later steps read: outputs must stay out of them."""
+    inputs = {"run folder": root, "config file": config}
+    inputs.update({f"run's {name} folder": root / name
+                   for name in ("scene", "partition", "rounds", "final")})
+    return inputs
+
+
 def _open_run(args):
     from mgs.blocks import Run
 
@@ -288,7 +300,9 @@ def _run_merge(args) -> None:
     from mgs.merge import merge_blocks
 
     run = _open_run(args)
-    merge_blocks(run, args.out or run.root / "model")
+    out = args.out or run.root / "model"
+    refuse_overlap(out, _run_inputs(run.root, args.config), "model folder", ("run folder",))
+    merge_blocks(run, out)
 
 
 def _add_partition(sub) -> None:
@@ -322,6 +336,8 @@ def _run_partition(args) -> None:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = PartitionConfig.from_dict(values, source=args.config or "command line")
+    refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config,
+                              "coarse checkpoint": config.coarse})
     partition = partition_scene(args.scene, args.out, config)
     log.info("wrote %s: %d blocks", args.out, partition.num_blocks)
 
@@ -346,6 +362,10 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> None:
     from mgs.evaluate import evaluate_run
 
+    if args.out is not None:
+        refuse_overlap(args.out, dict(_run_inputs(Path(args.run), args.config),
+                                      **{"model folder": Path(args.run) / "model"}),
+                       equal_only=("run folder",))
     metrics = evaluate_run(args.run, args.config, args.out, backend=args.backend,
                            device=args.device, lpips_input=args.lpips_input, warmup=args.warmup)
     print(json.dumps(metrics["metrics"], indent=2))
@@ -365,6 +385,8 @@ def _add_report(sub) -> None:
 def _run_report(args) -> None:
     from mgs.report import make_report
 
+    refuse_overlap(args.out, {"results folder": args.results,
+                              "paper tables file": args.paper_tables}, "report folder")
     path = make_report(args.results, args.out, args.paper_tables)
     log.info("wrote %s", path)
 

@@ -30,7 +30,7 @@ import pycolmap
 from PIL import Image
 from tqdm import tqdm
 
-from mgs.atomic import atomic_path, ensure_writable_dir
+from mgs.atomic import atomic_path, ensure_writable_dir, refuse_overlap
 from mgs.errors import InputError, MgsError
 from mgs.scene import (SCENE_JSON, TRAINABLE_CAMERA_MODELS, UNDISTORT_HINT, Camera, Scene,
                        save_scene, split_every)
@@ -60,6 +60,7 @@ def ingest(dataset: str, src, out, factor: int | None = None, width: int | None 
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise InputError(f"dataset folder {src} does not exist")
+    refuse_overlap(out, {"dataset folder": src}, "scene folder")
     factor = DEFAULT_FACTOR[dataset] if factor is None else int(factor)
     if factor < 1:
         raise MgsError(f"--factor must be a positive integer, got {factor}")

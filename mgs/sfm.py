@@ -28,7 +28,7 @@ import pycolmap
 from PIL import Image
 from tqdm import tqdm
 
-from mgs.atomic import ensure_writable_dir, write_text
+from mgs.atomic import ensure_writable_dir, refuse_overlap, write_text
 from mgs.errors import InputError, MgsError
 from mgs.scene import MODEL_SUBDIR, SCENE_JSON, Scene, read_colmap, save_scene, split_every
 
@@ -371,6 +371,7 @@ def run_sfm(image_dir, out_dir, config: SfmConfig | None = None) -> Scene:
     config = config or SfmConfig()
     config.validate()
     image_dir, out_dir = Path(image_dir), Path(out_dir)
+    refuse_overlap(out_dir, {"image folder": image_dir}, "scene folder")
     names, sizes = list_images(image_dir)
     ensure_writable_dir(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".sfm-", suffix=".tmp", dir=out_dir))
