@@ -23,7 +23,7 @@ if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_T
     os.environ.setdefault("NUMBA_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 from mgs.atomic import refuse_overlap
-from mgs.config import check_known_keys, yaml_section
+from mgs.config import check_config, yaml_section
 from mgs.errors import MgsError
 
 log = logging.getLogger("mgs")
@@ -43,8 +43,7 @@ def _add_synth(sub) -> None:
     p.add_argument("out", help="scene folder to write (images/, sparse/0/, scene.json)")
     p.add_argument("--config", help="YAML file; keys under 'synthetic:' override the defaults")
     for f in dataclasses.fields(SyntheticConfig):
-        kind = (lambda v: v.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
-            type(f.default)
+        kind = _boolean if f.type in (bool, "bool") else type(f.default)
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                        help=f"(default {f.default})")
     p.set_defaults(func=_run_synth)
@@ -54,12 +53,42 @@ def _run_synth(args) -> None:
     from mgs.synthetic import SyntheticConfig, make_synthetic_scene
 
     values = yaml_section(args.config, "synthetic") if args.config else {}
-    check_known_keys(SyntheticConfig, values, "synthetic", args.config)
-    names = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    values = check_config(SyntheticConfig, values, "synthetic", args.config or "command line")
+    _override(values, args, [f.name for f in dataclasses.fields(SyntheticConfig)], "synthetic")
     scene = make_synthetic_scene(args.out, SyntheticConfig(**values))
     log.info("wrote %s: %d views (%d test), %d points", args.out, len(scene.cameras),
              len(scene.test_names), len(scene.points_xyz))
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _override(values: dict, args, keys, section: str) -> None:
+    """Command-line options over the YAML values, each checked under its own flag's name."""
+    from mgs.validate import SPECS, check_value
+
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None:
+            spec = SPECS[section].get(key)
+            flag = "--" + key.replace("_", "-")
+            values[key] = check_value(value, spec, flag) if spec else value
 
 
 def _add_train(sub) -> None:
@@ -79,10 +108,8 @@ def _run_train(args) -> None:
     from mgs.train import train_scene
 
     values = yaml_section(args.config, "train") if args.config else {}
-    if args.iterations is not None:
-        values["iterations"] = args.iterations
-    if args.device is not None:
-        values["device"] = args.device
+    values = check_config(TrainConfig, values, "train", args.config or "command line")
+    _override(values, args, ("iterations", "device"), "train")
     config = TrainConfig.from_dict(values, source=args.config or "command line")
     refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config})
     summary = train_scene(args.scene, args.out, config, resume=args.resume)
@@ -111,10 +138,9 @@ def _run_sfm(args) -> None:
     from mgs.sfm import SfmConfig, run_sfm
 
     values = yaml_section(args.config, "sfm") if args.config else {}
-    check_known_keys(SfmConfig, values, "sfm", args.config)
-    for key in ("matching", "min_registered", "max_image_size", "max_features", "threads"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = check_config(SfmConfig, values, "sfm", args.config or "command line")
+    _override(values, args, ("matching", "min_registered", "max_image_size", "max_features",
+                             "threads"), "sfm")
     config = SfmConfig(**values)
     scene = run_sfm(args.image_dir, args.out, config)
     log.info("wrote %s: %d cameras (%d test), %d points", args.out, len(scene.cameras),
@@ -146,17 +172,18 @@ def _flat_config(settings: dict, source: str) -> dict:
     from mgs.sfm import SfmConfig
     from mgs.synthetic import SyntheticConfig
 
+    from mgs.validate import SECTIONS, check_section
+
     settings = dict(settings)
-    sections = {name: dict(settings.pop(name, None) or {})
-                for name in ("synthetic", "sfm", "partition", "train", "momentum")}
+    sections = {name: settings.pop(name, None) or {} for name in SECTIONS}
     paper = settings.pop("paper", None)
     unknown = sorted(set(settings) - set(SCENE_KEYS))
     if unknown:
         raise MgsError(f"{source}: unknown scene key(s) {', '.join(unknown)}; known: "
                        f"{', '.join(SCENE_KEYS)}, synthetic, sfm, partition, train, momentum, paper")
+    settings.update(check_section(settings, "scene", source))
     for name, cls in (("synthetic", SyntheticConfig), ("sfm", SfmConfig)):
-        check_known_keys(cls, sections[name], name, source)
-        config = cls(**sections[name])
+        config = cls(**check_config(cls, sections[name], name, source))
         config.validate()
         sections[name] = dataclasses.asdict(config)
     partition = PartitionConfig.from_dict(sections["partition"], source=source)
@@ -330,11 +357,13 @@ def _run_partition(args) -> None:
     from mgs.partition import PartitionConfig, partition_scene
 
     values = yaml_section(args.config, "partition") if args.config else {}
+    values = check_config(PartitionConfig, values, "partition", args.config or "command line")
     if args.aabb is not None:
         values["aabb"] = args.aabb[0] if len(args.aabb) == 1 else args.aabb  # checked by the config
-    for key in ("block_dim", "assignment", "threshold", "min_cameras", "margin", "coarse"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    if args.margin is not None:
+        values["margin"] = args.margin  # a number or inf, parsed by the config
+    _override(values, args, ("block_dim", "assignment", "threshold", "min_cameras", "coarse"),
+              "partition")
     config = PartitionConfig.from_dict(values, source=args.config or "command line")
     refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config,
                               "coarse checkpoint": config.coarse})
@@ -355,7 +384,7 @@ def _add_evaluate(sub) -> None:
                    help="range of the images fed to LPIPS: [0,1] as the official Momentum-GS "
                         "metrics (default, comparable with the paper) or [-1,1] as the lpips "
                         "package documents")
-    p.add_argument("--warmup", type=int, default=3, help="untimed renders before timing (default 3)")
+    p.add_argument("--warmup", type=_count, default=3, help="untimed renders before timing (default 3)")
     p.set_defaults(func=_run_evaluate)
 
 

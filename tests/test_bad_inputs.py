@@ -139,6 +139,85 @@ def _(tmp, scene):
     return ["configure", "--config", str(config), "--scene", "a", "--out", str(config)]
 
 
+# ------------------------------------------------------ numbers and types
+
+def train_with(tmp, scene, yaml_text, *extra):
+    config = write(tmp / "config.yaml", yaml_text)
+    return ["train", "--scene", str(scene), "--out", str(tmp / "out"), "--config", str(config),
+            *extra]
+
+
+for _name, _yaml, _culprit in [
+    ("feature-lr-nan", "train: {feature_lr: .nan}", "train.feature_lr"),
+    ("scaling-lr-negative", "train: {scaling_lr: -0.1}", "train.scaling_lr"),
+    ("iterations-bool", "train: {iterations: true}", "train.iterations"),
+    ("n-offsets-string", "train: {n_offsets: four}", "train.n_offsets"),
+    ("background-inf", "train: {background: [0, .inf, 0]}", "train.background[1]"),
+    ("train-not-a-mapping", "train: [1, 2]", "'train' must be a mapping"),
+    ("unknown-train-key", "train: {itertions: 5}", "itertions"),
+    ("config-not-yaml", "train: {a: [", "not valid YAML"),
+]:
+    case(f"train-{_name}", "config.yaml", _culprit)(
+        lambda tmp, scene, _yaml=_yaml: train_with(tmp, scene, _yaml))
+
+
+@case("train-iterations-negative-on-command-line", "--iterations", "[1, inf)")
+def _(tmp, scene):
+    argv = train_with(tmp, scene, "train: {iterations: 5}", "--iterations", "-5")
+    return argv
+
+
+for _name, _yaml, _culprit in [
+    ("sigma-nan", "momentum: {sigma: .nan}", "momentum.sigma"),
+    ("sigma-zero", "momentum: {sigma: 0}", "momentum.sigma"),
+    ("rounds-string", "momentum: {rounds: four}", "momentum.rounds"),
+    ("momentum-one", "momentum: {momentum: 1.0}", "momentum.momentum"),
+]:
+    case(f"init-{_name}", "config.yaml", _culprit, "(0, inf)" if "sigma" in _name else "")(
+        lambda tmp, scene, _yaml=_yaml: ["init", "--run", str(run_folder(tmp, scene, _yaml))])
+
+
+@case("configure-nan-in-settings", "--settings", "train.feature_lr", "[0, inf)")
+def _(tmp, scene):
+    return ["configure", "--settings", '{"train": {"feature_lr": NaN}}',
+            "--out", str(tmp / "config.yaml")]
+
+
+@case("configure-train-list", "'train' must be a mapping")
+def _(tmp, scene):
+    return ["configure", "--settings", '{"train": [1, 2]}', "--out", str(tmp / "c.yaml")]
+
+
+@case("configure-resolution-bool", "resolution", "an integer")
+def _(tmp, scene):
+    return ["configure", "--settings", '{"resolution": true}', "--out", str(tmp / "c.yaml")]
+
+
+@case("synth-shadows-maybe", "--shadows", "maybe")
+def _(tmp, scene):
+    return ["synth", str(tmp / "out"), "--shadows", "maybe"]
+
+
+@case("synth-width-too-small", "--width", "[8, inf)")
+def _(tmp, scene):
+    return ["synth", str(tmp / "out"), "--width", "2"]
+
+
+@case("evaluate-warmup-negative", "--warmup", "-1")
+def _(tmp, scene):
+    return ["evaluate", "--run", str(run_folder(tmp, scene)), "--warmup", "-1"]
+
+
+@case("sfm-min-registered-nan", "--min-registered", "[0, 1]")
+def _(tmp, scene):
+    return ["sfm", str(scene / "images"), str(tmp / "out"), "--min-registered", "nan"]
+
+
+@case("partition-threshold-nan", "--threshold", "[0, 1)")
+def _(tmp, scene):
+    return ["partition", "--scene", str(scene), "--out", str(tmp / "out"), "--threshold", "nan"]
+
+
 # ---------------------------------------------------------------------- test
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -146,7 +225,10 @@ def test_bad_input(name, tmp_path, tiny_scene, capsys):
     setup, culprits = CASES[name]
     argv = setup(tmp_path, tiny_scene)
     before = tree_hash(tmp_path)
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
