@@ -6,6 +6,8 @@ A killed process never leaves a file that looks complete under its final name.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -109,3 +111,19 @@ def _beside(path: str | os.PathLike) -> str:
     if not given.name or given.name == "..":
         given = _resolved(given)
     return str(given.with_name(given.name + "-mgs")) if given.name else "another folder"
+
+
+def json_text(data) -> str:
+    """Strict JSON (indented, newline-terminated): NaN/inf become null, which every JSON
+    reader accepts, where Python's default writes the non-standard NaN/Infinity."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

@@ -22,7 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
     os.environ.setdefault("NUMBA_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
-from mgs.atomic import refuse_overlap
+from mgs.atomic import json_text, refuse_overlap
+from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, run_inputs
 from mgs.config import check_config, yaml_section
 from mgs.errors import MgsError
 
@@ -43,7 +44,7 @@ def _add_synth(sub) -> None:
     p.add_argument("out", help="scene folder to write (images/, sparse/0/, scene.json)")
     p.add_argument("--config", help="YAML file; keys under 'synthetic:' override the defaults")
     for f in dataclasses.fields(SyntheticConfig):
-        kind = _boolean if f.type in (bool, "bool") else type(f.default)
+        kind = bool_arg if f.type in (bool, "bool") else type(f.default)
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                        help=f"(default {f.default})")
     p.set_defaults(func=_run_synth)
@@ -54,41 +55,10 @@ def _run_synth(args) -> None:
 
     values = yaml_section(args.config, "synthetic") if args.config else {}
     values = check_config(SyntheticConfig, values, "synthetic", args.config or "command line")
-    _override(values, args, [f.name for f in dataclasses.fields(SyntheticConfig)], "synthetic")
+    apply_overrides(values, args, [f.name for f in dataclasses.fields(SyntheticConfig)], "synthetic")
     scene = make_synthetic_scene(args.out, SyntheticConfig(**values))
     log.info("wrote %s: %d views (%d test), %d points", args.out, len(scene.cameras),
              len(scene.test_names), len(scene.points_xyz))
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _override(values: dict, args, keys, section: str) -> None:
-    """Command-line options over the YAML values, each checked under its own flag's name."""
-    from mgs.validate import SPECS, check_value
-
-    for key in keys:
-        value = getattr(args, key, None)
-        if value is not None:
-            spec = SPECS[section].get(key)
-            flag = "--" + key.replace("_", "-")
-            values[key] = check_value(value, spec, flag) if spec else value
 
 
 def _add_train(sub) -> None:
@@ -109,11 +79,11 @@ def _run_train(args) -> None:
 
     values = yaml_section(args.config, "train") if args.config else {}
     values = check_config(TrainConfig, values, "train", args.config or "command line")
-    _override(values, args, ("iterations", "device"), "train")
+    apply_overrides(values, args, ("iterations", "device"), "train")
     config = TrainConfig.from_dict(values, source=args.config or "command line")
     refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config})
     summary = train_scene(args.scene, args.out, config, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    print(json_text(summary), end="")
 
 
 def _add_sfm(sub) -> None:
@@ -139,7 +109,7 @@ def _run_sfm(args) -> None:
 
     values = yaml_section(args.config, "sfm") if args.config else {}
     values = check_config(SfmConfig, values, "sfm", args.config or "command line")
-    _override(values, args, ("matching", "min_registered", "max_image_size", "max_features",
+    apply_overrides(values, args, ("matching", "min_registered", "max_image_size", "max_features",
                              "threads"), "sfm")
     config = SfmConfig(**values)
     scene = run_sfm(args.image_dir, args.out, config)
@@ -285,14 +255,6 @@ def _add_block_verbs(sub) -> None:
         ("--out", dict(help="model folder (default RUN/model)")))
 
 
-def _run_inputs(root: Path, config: str | None) -> dict:
-    """The parts of a run folder that later steps read: outputs must stay out of them."""
-    inputs = {"run folder": root, "config file": config}
-    inputs.update({f"run's {name} folder": root / name
-                   for name in ("scene", "partition", "rounds", "final")})
-    return inputs
-
-
 def _open_run(args):
     from mgs.blocks import Run
 
@@ -328,7 +290,7 @@ def _run_merge(args) -> None:
 
     run = _open_run(args)
     out = args.out or run.root / "model"
-    refuse_overlap(out, _run_inputs(run.root, args.config), "model folder", ("run folder",))
+    refuse_overlap(out, run_inputs(run.root, args.config), "model folder", ("run folder",))
     merge_blocks(run, out)
 
 
@@ -362,7 +324,7 @@ def _run_partition(args) -> None:
         values["aabb"] = args.aabb[0] if len(args.aabb) == 1 else args.aabb  # checked by the config
     if args.margin is not None:
         values["margin"] = args.margin  # a number or inf, parsed by the config
-    _override(values, args, ("block_dim", "assignment", "threshold", "min_cameras", "coarse"),
+    apply_overrides(values, args, ("block_dim", "assignment", "threshold", "min_cameras", "coarse"),
               "partition")
     config = PartitionConfig.from_dict(values, source=args.config or "command line")
     refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config,
@@ -384,7 +346,7 @@ def _add_evaluate(sub) -> None:
                    help="range of the images fed to LPIPS: [0,1] as the official Momentum-GS "
                         "metrics (default, comparable with the paper) or [-1,1] as the lpips "
                         "package documents")
-    p.add_argument("--warmup", type=_count, default=3, help="untimed renders before timing (default 3)")
+    p.add_argument("--warmup", type=count_arg, default=3, help="untimed renders before timing (default 3)")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -392,12 +354,12 @@ def _run_evaluate(args) -> None:
     from mgs.evaluate import evaluate_run
 
     if args.out is not None:
-        refuse_overlap(args.out, dict(_run_inputs(Path(args.run), args.config),
+        refuse_overlap(args.out, dict(run_inputs(Path(args.run), args.config),
                                       **{"model folder": Path(args.run) / "model"}),
                        equal_only=("run folder",))
     metrics = evaluate_run(args.run, args.config, args.out, backend=args.backend,
                            device=args.device, lpips_input=args.lpips_input, warmup=args.warmup)
-    print(json.dumps(metrics["metrics"], indent=2))
+    print(json_text(metrics["metrics"]), end="")
 
 
 def _add_report(sub) -> None:
@@ -423,6 +385,8 @@ def _run_report(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgs", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors (also MGS_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_configure(sub)
     _add_synth(sub)
@@ -439,15 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    try:
-        args.func(args)
-    except MgsError as exc:
-        print(f"mgs {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mgs {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    debug = args.debug or os.environ.get("MGS_DEBUG", "") not in ("", "0")
+    return run_command(args, debug)
 
 
 if __name__ == "__main__":

@@ -250,6 +250,10 @@ class Partition:
                             points_in_cell=int(b["points_in_cell"]),
                             points_with_margin=int(b["points_with_margin"]))
                       for b in data["blocks"]]
+            if empty := [b.id for b in blocks if not b.train_cameras]:
+                raise InputError(f"{source}: block(s) {', '.join(map(str, empty))} have no train "
+                                 "cameras, so they cannot be trained; rerun `mgs partition` "
+                                 "(it merges blocks with fewer than min_cameras)")
             return cls(aabb=data["aabb"], block_dim=data["block_dim"], up=data["up"],
                        margin=parse_margin(data["margin"], source), assignment=data["assignment"],
                        threshold=data["threshold"], min_cameras=int(data["min_cameras"]),

@@ -5,6 +5,7 @@ never touched, failed runs leave no half-made outputs)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -216,6 +217,96 @@ def _(tmp, scene):
 @case("partition-threshold-nan", "--threshold", "[0, 1)")
 def _(tmp, scene):
     return ["partition", "--scene", str(scene), "--out", str(tmp / "out"), "--threshold", "nan"]
+
+
+# ------------------------------------------------------ broken data files
+
+@case("ingest-zero-byte-image", "view_0003.png", "cannot read image")
+def _(tmp, scene):
+    src = copy_scene(scene, tmp / "src")
+    (src / "images" / "view_0003.png").write_bytes(b"")
+    return ["ingest", "colmap", str(src), str(tmp / "out"), "--factor", "2"]
+
+
+@case("ingest-one-image-model", "1 registered image", "at least two")
+def _(tmp, scene):
+    import pycolmap
+
+    src = copy_scene(scene, tmp / "src")
+    rec = pycolmap.Reconstruction(str(src / "sparse" / "0"))
+    shutil.rmtree(src / "sparse" / "0")
+    (src / "sparse" / "0").mkdir()
+    rec.write_text(str(src / "sparse" / "0"))
+    images = src / "sparse" / "0" / "images.txt"
+    lines = [line for line in images.read_text().splitlines(True) if not line.startswith("#")]
+    images.write_text("".join(lines[:2]))
+    (src / "sparse" / "0" / "points3D.txt").write_text("")
+    return ["ingest", "colmap", str(src), str(tmp / "out")]
+
+
+@case("ingest-truncated-images-bin", "images.bin", "truncated")
+def _(tmp, scene):
+    src = copy_scene(scene, tmp / "src")
+    images = src / "sparse" / "0" / "images.bin"
+    images.write_bytes(images.read_bytes()[:100])
+    return ["ingest", "colmap", str(src), str(tmp / "out")]
+
+
+@case("train-text-file-as-checkpoint", "checkpoint.pt", "unreadable")
+def _(tmp, scene):
+    write(tmp / "out" / "checkpoint.pt", "hello\n")
+    return ["train", "--scene", str(scene), "--out", str(tmp / "out"), "--resume"]
+
+
+@case("train-checkpoint-missing-a-key", "checkpoint.pt", "'anchors'")
+def _(tmp, scene):
+    from mgs.checkpoint import save_checkpoint
+    from mgs.config import TrainConfig
+
+    save_checkpoint(tmp / "out" / "checkpoint.pt", {"step": 3},
+                    TrainConfig(iterations=5).shape_hash())
+    return ["train", "--scene", str(scene), "--out", str(tmp / "out"), "--resume",
+            "--iterations", "5"]
+
+
+@case("train-resume-without-checkpoint", "--resume", "checkpoint.pt")
+def _(tmp, scene):
+    return ["train", "--scene", str(scene), "--out", str(tmp / "out"), "--resume"]
+
+
+@case("train-scene-without-scene-json", "scene.json")
+def _(tmp, scene):
+    src = copy_scene(scene, tmp / "scene")
+    (src / "scene.json").unlink()
+    return ["train", "--scene", str(src), "--out", str(tmp / "out")]
+
+
+@case("sync-before-init", "shared.pt", "`mgs init`")
+def _(tmp, scene):
+    return ["sync", "--run", str(run_folder(tmp, scene)), "--round", "1"]
+
+
+@case("finalize-before-training", "block_0.pt", "`mgs train-block --round 2 --block 0`")
+def _(tmp, scene):
+    run = run_folder(tmp, scene, "train: {}\nmomentum: {rounds: 2}\n")
+    return ["finalize-block", "--run", str(run), "--block", "0"]
+
+
+@case("merge-before-partition", "partition.json", "`mgs partition`")
+def _(tmp, scene):
+    return ["merge", "--run", str(run_folder(tmp, scene))]
+
+
+@case("init-block-without-train-cameras", "partition.json", "no train cameras")
+def _(tmp, scene):
+    run = run_folder(tmp, scene)
+    assert main(["partition", "--scene", str(run / "scene"), "--out", str(run / "partition"),
+                 "--block-dim", "2", "1", "1", "--min-cameras", "2"]) == 0
+    path = run / "partition" / "partition.json"
+    data = json.loads(path.read_text())
+    data["blocks"][-1]["train_cameras"] = []
+    path.write_text(json.dumps(data))
+    return ["init", "--run", str(run)]
 
 
 # ---------------------------------------------------------------------- test
