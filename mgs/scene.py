@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from mgs.atomic import _UMASK, atomic_path, ensure_writable_dir, write_text
+from mgs.colmap_check import check_binary_model
 from mgs.errors import InputError, MgsError
 from mgs.images import file_digest, read_cached_png, save_cached_png, to_rgb
 
@@ -145,6 +146,7 @@ def open_model(model_dir) -> pycolmap.Reconstruction:
     """pycolmap's reader with a message that names the files (its own says e.g. only
     "vector::reserve" for a truncated images.bin)."""
     model_dir = Path(model_dir)
+    check_binary_model(model_dir)  # pycolmap can loop for minutes on truncated counts
     try:
         return pycolmap.Reconstruction(str(model_dir))
     except Exception as exc:  # pycolmap raises ValueError/IndexError/RuntimeError on bad models
