@@ -102,3 +102,43 @@ def test_full_disk_while_checkpointing_is_one_clear_error(tmp_path):
     assert str(path) in result.stdout
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_at_the_next_step_with_a_checkpoint(tiny_scene, tmp_path):
+    import os
+    import signal
+    import time
+
+    from mgs.checkpoint import load_checkpoint
+
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {iterations: 100000, checkpoint_interval: 100000, "
+                      "eval_interval: 100000, max_init_anchors: 200}\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "mgs.cli", "train", "--scene",
+                                str(tiny_scene), "--out", str(out), "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        deadline = time.monotonic() + 300
+        seen = ""
+        while "training:" not in seen and time.monotonic() < deadline:
+            seen += process.stderr.read(1) or ""
+            if process.poll() is not None:
+                break
+        assert "training:" in seen, seen[-2000:]
+        time.sleep(1.0)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        stopped_after = time.monotonic() - sent
+    finally:
+        process.kill()
+    err = seen + process.stderr.read()
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped on SIGTERM" in err and "Traceback" not in err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] >= 1
+    assert stopped_after < 60
