@@ -131,13 +131,13 @@ def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_te
     spec = partition.blocks[block]
     config, momentum = run.train, run.momentum
     train_views = load_views([scene.camera(n) for n in spec.train_cameras], config.resolution,
-                             scene.scene_dir, device, f"block {block} images")
+                             scene.scene_dir, device, f"block {block} images", config.background)
     # validation views are training views too (ALGORITHM.md §4): reuse their tensors
     by_name = {view.name: view for view in train_views}
     val_views = [by_name[n] for n in spec.validation_cameras if n in by_name]
     val_views += load_views([scene.camera(n) for n in spec.validation_cameras
                              if n not in by_name], config.resolution, scene.scene_dir, device,
-                            f"block {block} validation images")
+                            f"block {block} validation images", config.background)
     decoder = Decoder(config.feat_dim, config.n_offsets)
     teacher = None
     consistency, weight = 0.0, 1.0

@@ -22,7 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
     os.environ.setdefault("NUMBA_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
-from mgs.config import check_known_keys, yaml_section
+from mgs.atomic import json_text, refuse_overlap
+from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, run_inputs
+from mgs.config import check_config, yaml_section
 from mgs.errors import MgsError
 from mgs.preflight import add_parser as add_preflight
 
@@ -43,8 +45,7 @@ def _add_synth(sub) -> None:
     p.add_argument("out", help="scene folder to write (images/, sparse/0/, scene.json)")
     p.add_argument("--config", help="YAML file; keys under 'synthetic:' override the defaults")
     for f in dataclasses.fields(SyntheticConfig):
-        kind = (lambda v: v.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
-            type(f.default)
+        kind = bool_arg if f.type in (bool, "bool") else type(f.default)
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                        help=f"(default {f.default})")
     p.set_defaults(func=_run_synth)
@@ -54,9 +55,8 @@ def _run_synth(args) -> None:
     from mgs.synthetic import SyntheticConfig, make_synthetic_scene
 
     values = yaml_section(args.config, "synthetic") if args.config else {}
-    check_known_keys(SyntheticConfig, values, "synthetic", args.config)
-    names = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    values = check_config(SyntheticConfig, values, "synthetic", args.config or "command line")
+    apply_overrides(values, args, [f.name for f in dataclasses.fields(SyntheticConfig)], "synthetic")
     scene = make_synthetic_scene(args.out, SyntheticConfig(**values))
     log.info("wrote %s: %d views (%d test), %d points", args.out, len(scene.cameras),
              len(scene.test_names), len(scene.points_xyz))
@@ -79,13 +79,12 @@ def _run_train(args) -> None:
     from mgs.train import train_scene
 
     values = yaml_section(args.config, "train") if args.config else {}
-    if args.iterations is not None:
-        values["iterations"] = args.iterations
-    if args.device is not None:
-        values["device"] = args.device
+    values = check_config(TrainConfig, values, "train", args.config or "command line")
+    apply_overrides(values, args, ("iterations", "device"), "train")
     config = TrainConfig.from_dict(values, source=args.config or "command line")
+    refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config})
     summary = train_scene(args.scene, args.out, config, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    print(json_text(summary), end="")
 
 
 def _add_sfm(sub) -> None:
@@ -110,10 +109,9 @@ def _run_sfm(args) -> None:
     from mgs.sfm import SfmConfig, run_sfm
 
     values = yaml_section(args.config, "sfm") if args.config else {}
-    check_known_keys(SfmConfig, values, "sfm", args.config)
-    for key in ("matching", "min_registered", "max_image_size", "max_features", "threads"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = check_config(SfmConfig, values, "sfm", args.config or "command line")
+    apply_overrides(values, args, ("matching", "min_registered", "max_image_size", "max_features",
+                             "threads"), "sfm")
     config = SfmConfig(**values)
     scene = run_sfm(args.image_dir, args.out, config)
     log.info("wrote %s: %d cameras (%d test), %d points", args.out, len(scene.cameras),
@@ -145,17 +143,18 @@ def _flat_config(settings: dict, source: str) -> dict:
     from mgs.sfm import SfmConfig
     from mgs.synthetic import SyntheticConfig
 
+    from mgs.validate import SECTIONS, check_section
+
     settings = dict(settings)
-    sections = {name: dict(settings.pop(name, None) or {})
-                for name in ("synthetic", "sfm", "partition", "train", "momentum")}
+    sections = {name: settings.pop(name, None) or {} for name in SECTIONS}
     paper = settings.pop("paper", None)
     unknown = sorted(set(settings) - set(SCENE_KEYS))
     if unknown:
         raise MgsError(f"{source}: unknown scene key(s) {', '.join(unknown)}; known: "
                        f"{', '.join(SCENE_KEYS)}, synthetic, sfm, partition, train, momentum, paper")
+    settings.update(check_section(settings, "scene", source))
     for name, cls in (("synthetic", SyntheticConfig), ("sfm", SfmConfig)):
-        check_known_keys(cls, sections[name], name, source)
-        config = cls(**sections[name])
+        config = cls(**check_config(cls, sections[name], name, source))
         config.validate()
         sections[name] = dataclasses.asdict(config)
     partition = PartitionConfig.from_dict(sections["partition"], source=source)
@@ -198,6 +197,8 @@ def _run_configure(args) -> None:
     text = ("# Written by `mgs configure` from the workflow config; edit that instead.\n"
             + yaml.dump(flat, Dumper=Dumper, sort_keys=False, default_flow_style=False))
     out = Path(args.out)
+    if args.config is not None:
+        refuse_overlap(out, {"workflow config": args.config}, "output file")
     if out.is_file() and out.read_text() == text:
         log.info("%s is up to date", out)
         return
@@ -289,7 +290,9 @@ def _run_merge(args) -> None:
     from mgs.merge import merge_blocks
 
     run = _open_run(args)
-    merge_blocks(run, args.out or run.root / "model")
+    out = args.out or run.root / "model"
+    refuse_overlap(out, run_inputs(run.root, args.config), "model folder", ("run folder",))
+    merge_blocks(run, out)
 
 
 def _add_partition(sub) -> None:
@@ -317,12 +320,16 @@ def _run_partition(args) -> None:
     from mgs.partition import PartitionConfig, partition_scene
 
     values = yaml_section(args.config, "partition") if args.config else {}
+    values = check_config(PartitionConfig, values, "partition", args.config or "command line")
     if args.aabb is not None:
         values["aabb"] = args.aabb[0] if len(args.aabb) == 1 else args.aabb  # checked by the config
-    for key in ("block_dim", "assignment", "threshold", "min_cameras", "margin", "coarse"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    if args.margin is not None:
+        values["margin"] = args.margin  # a number or inf, parsed by the config
+    apply_overrides(values, args, ("block_dim", "assignment", "threshold", "min_cameras", "coarse"),
+              "partition")
     config = PartitionConfig.from_dict(values, source=args.config or "command line")
+    refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config,
+                              "coarse checkpoint": config.coarse})
     partition = partition_scene(args.scene, args.out, config)
     log.info("wrote %s: %d blocks", args.out, partition.num_blocks)
 
@@ -340,16 +347,20 @@ def _add_evaluate(sub) -> None:
                    help="range of the images fed to LPIPS: [0,1] as the official Momentum-GS "
                         "metrics (default, comparable with the paper) or [-1,1] as the lpips "
                         "package documents")
-    p.add_argument("--warmup", type=int, default=3, help="untimed renders before timing (default 3)")
+    p.add_argument("--warmup", type=count_arg, default=3, help="untimed renders before timing (default 3)")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args) -> None:
     from mgs.evaluate import evaluate_run
 
+    if args.out is not None:
+        refuse_overlap(args.out, dict(run_inputs(Path(args.run), args.config),
+                                      **{"model folder": Path(args.run) / "model"}),
+                       equal_only=("run folder",))
     metrics = evaluate_run(args.run, args.config, args.out, backend=args.backend,
                            device=args.device, lpips_input=args.lpips_input, warmup=args.warmup)
-    print(json.dumps(metrics["metrics"], indent=2))
+    print(json_text(metrics["metrics"]), end="")
 
 
 def _add_report(sub) -> None:
@@ -371,6 +382,12 @@ def _add_report(sub) -> None:
 def _run_report(args) -> None:
     from mgs.report import make_report
 
+    # the report folder may sit inside the results folder it scans (results/report): the scan
+    # skips it; it must never be, or lie inside, a run or the paper tables
+    refuse_overlap(args.out, {"results folder": args.results,
+                              "paper tables file": args.paper_tables,
+                              **{f"run folder {run}": run for run in args.runs or []}},
+                   "report folder", equal_only=("results folder",))
     path = make_report(args.results, args.out, args.paper_tables, args.ablation, args.runs)
     log.info("wrote %s", path)
 
@@ -378,6 +395,8 @@ def _run_report(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgs", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors (also MGS_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_configure(sub)
     _add_synth(sub)
@@ -395,15 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    try:
-        args.func(args)
-    except MgsError as exc:
-        print(f"mgs {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mgs {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    debug = args.debug or os.environ.get("MGS_DEBUG", "") not in ("", "0")
+    return run_command(args, debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from mgs.errors import InputError
+from mgs.validate import check_section
 
 
 @dataclass
@@ -71,8 +72,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        check_known_keys(cls, values, "train", source)
-        config = cls(**values)
+        config = cls(**check_config(cls, values, "train", source))
         config.validate(source)
         return config
 
@@ -118,3 +118,11 @@ def check_known_keys(cls, values: dict[str, Any], section: str, source: str) -> 
     if unknown:
         raise InputError(f"{source}: unknown {section} key(s) {', '.join(unknown)}; "
                          f"known keys are: {', '.join(sorted(known))}")
+
+
+def check_config(cls, values: Any, section: str, source: str) -> dict[str, Any]:
+    """Unknown keys, then every value's type and range (mgs.validate); the normalised values."""
+    if not isinstance(values, dict):
+        raise InputError(f"{source}: '{section}' must be a mapping of keys, got {values!r}")
+    check_known_keys(cls, values, section, source)
+    return check_section(values, section, source)

@@ -30,10 +30,11 @@ import pycolmap
 from PIL import Image
 from tqdm import tqdm
 
-from mgs.atomic import atomic_path, ensure_writable_dir
+from mgs.atomic import atomic_path, ensure_writable_dir, refuse_overlap
 from mgs.errors import InputError, MgsError
+from mgs.images import file_digest, read_cached_png, save_cached_png, to_rgb
 from mgs.scene import (SCENE_JSON, TRAINABLE_CAMERA_MODELS, UNDISTORT_HINT, Camera, Scene,
-                       save_scene, split_every)
+                       open_model, save_scene, split_every)
 from mgs.sfm import IMAGE_SUFFIXES, estimate_up
 
 log = logging.getLogger("mgs.datasets")
@@ -60,6 +61,7 @@ def ingest(dataset: str, src, out, factor: int | None = None, width: int | None 
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise InputError(f"dataset folder {src} does not exist")
+    refuse_overlap(out, {"dataset folder": src}, "scene folder")
     factor = DEFAULT_FACTOR[dataset] if factor is None else int(factor)
     if factor < 1:
         raise MgsError(f"--factor must be a positive integer, got {factor}")
@@ -74,6 +76,10 @@ def ingest(dataset: str, src, out, factor: int | None = None, width: int | None 
         train, test = [by_name[n] for n in train_names], [by_name[n] for n in test_names]
     else:
         train, test, xyz, rgb = _megenerf_layout(src)
+    if not train or len(train) + len(test) < 2:
+        raise InputError(f"{src} has {len(train) + len(test)} registered image(s) "
+                         f"({len(train)} for training); a scene needs at least two, one to "
+                         "train on and one to test, with overlapping views")
     up_vec = _up_vector(up or DEFAULT_UP[dataset], [c.world_to_camera for c in train])
 
     ensure_writable_dir(out)
@@ -121,10 +127,7 @@ def read_model(model_dir, image_dir, prefix: str = "", strict: bool = False):
     Camera names become `prefix` + image name.
     """
     model_dir, image_dir = Path(model_dir), Path(image_dir)
-    try:
-        rec = pycolmap.Reconstruction(str(model_dir))
-    except Exception as exc:  # pycolmap raises several types on bad models
-        raise InputError(f"cannot read the COLMAP model in {model_dir}: {exc}") from exc
+    rec = open_model(model_dir)
     cameras, warned = [], set()
     for image in sorted(rec.images.values(), key=lambda im: im.name):
         if not image.has_pose:
@@ -141,8 +144,12 @@ def read_model(model_dir, image_dir, prefix: str = "", strict: bool = False):
                             "does (run `mgs sfm` for exact undistortion)", model_dir,
                             image.camera_id, np.round(extra, 4).tolist())
         path = _find_image(image_dir, image.name)
-        with Image.open(path) as img:
-            size = img.size
+        try:
+            with Image.open(path) as img:
+                size = img.size
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"cannot read image {path} ({exc}); re-export it or remove it "
+                             "from the COLMAP model") from exc
         if size != (cam.width, cam.height):
             sx, sy = size[0] / cam.width, size[1] / cam.height
             if abs(sx - sy) > 0.01 * max(sx, sy):
@@ -274,10 +281,7 @@ def _matrixcity(src: Path):
                          "MatrixCity point cloud (COLMAP model)",
                          "copy CityGaussian's COLMAP result for the aerial train set there "
                          "(docs/prepare_data.md); its points initialise the anchors")
-    try:
-        rec = pycolmap.Reconstruction(str(model_dir))
-    except Exception as exc:
-        raise InputError(f"cannot read the COLMAP model in {model_dir}: {exc}") from exc
+    rec = open_model(model_dir)
     points = list(rec.points3D.values())
     xyz = np.array([p.xyz for p in points], np.float64).reshape(-1, 3)
     rgb = np.array([p.color for p in points], np.uint8).reshape(-1, 3)
@@ -315,11 +319,16 @@ def _materialise(cameras: list[Camera], image_dir: Path, factor: int, width) -> 
 
 
 def _is_cached(src: Path, dst: Path, size) -> bool:
+    """`dst` was made from `src`'s current content (a byte copy or a tagged PNG)."""
     try:
-        if dst.stat().st_mtime < src.stat().st_mtime:
+        if not dst.is_file() or not src.is_file():
             return False
+        digest = file_digest(src)
         with Image.open(dst) as img:
-            return img.size == tuple(size)
+            if img.size != tuple(size):
+                return False
+        return (dst.stat().st_size == src.stat().st_size and file_digest(dst) == digest) or \
+            read_cached_png(dst, size, digest) is not None
     except OSError:
         return False
 
@@ -332,11 +341,12 @@ def _write_image(src: Path, dst: Path, size) -> None:
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(src, tmp)  # no resampling needed: keep the original bytes
                 return
-            img = img.convert("RGB").resize(tuple(size), Image.BICUBIC)
-    except (OSError, ValueError) as exc:
+            img.load()
+            img = to_rgb(img, src).resize(tuple(size), Image.BICUBIC)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {src} ({exc}); re-export or remove it") from exc
     with atomic_path(dst) as tmp:
-        img.save(tmp, format="PNG")
+        save_cached_png(img, tmp, file_digest(src))
 
 
 def _up_vector(up: str, world_to_cams) -> np.ndarray:

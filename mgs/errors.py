@@ -11,3 +11,7 @@ class InputError(MgsError):
 
 class TrainingError(MgsError):
     """Training cannot continue (e.g. non-finite loss); the last good checkpoint is kept."""
+
+
+class StopRequested(MgsError):
+    """Training was asked to stop (SIGTERM) and saved a checkpoint to resume from."""

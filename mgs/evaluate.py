@@ -14,7 +14,6 @@ quantisation.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mgs.atomic import atomic_path, ensure_writable_dir, write_text
+from mgs.atomic import atomic_path, ensure_writable_dir, json_text, write_text
 from mgs.blocks import Run
 from mgs.color_correct import METHOD as CC_METHOD
 from mgs.color_correct import color_correct
@@ -112,7 +111,7 @@ def evaluate_run(run_dir: str | Path, config_path: str | Path | None = None,
                              "applied_to": "render, towards the ground truth, per image"},
         "seconds": time.perf_counter() - start,
     }
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "metrics.json", json_text(metrics))
     means = metrics["metrics"]
     log.info("%d test views: PSNR %.2f / SSIM %.4f / LPIPS-VGG %.4f raw, %.2f / %.4f / %.4f "
              "colour-corrected; %.1f FPS", len(views), means["psnr"], means["ssim"],
@@ -194,7 +193,8 @@ def _render_pass(model, cameras, factor, cache_dir, out, device, background, bac
     _sync(device)
     for index, (camera, cam) in enumerate(tqdm(list(zip(cameras, scaled)), desc="rendering",
                                                unit="view", mininterval=2.0)):
-        gt = load_image(camera, factor, cache_dir)  # raises, naming the file, on a size mismatch
+        # raises, naming the file, on a size mismatch
+        gt = load_image(camera, factor, cache_dir, background.tolist())
         t0 = time.perf_counter()
         image = render(cam)
         _sync(device)

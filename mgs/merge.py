@@ -130,8 +130,22 @@ def write_anchor_ply(anchors: Anchors, path: Path) -> None:
     _write_ply(columns, path)
 
 
+def _read_vertices(path: str | Path, required: tuple[str, ...]):
+    """The PLY's vertex element; a damaged file or a missing column is one clear error."""
+    try:
+        vertex = PlyData.read(str(path))["vertex"]
+        names = vertex.data.dtype.names or ()
+    except Exception as exc:  # noqa: BLE001 - plyfile raises many types on damaged files
+        raise InputError(f"cannot read PLY file {path} ({exc.__class__.__name__}: {exc}); "
+                         "it is damaged or truncated: export it again") from exc
+    if missing := [name for name in required if name not in names]:
+        raise InputError(f"PLY file {path} lacks the column(s) {', '.join(missing)}; "
+                         "it is not an mgs/Scaffold-GS export of this kind")
+    return vertex
+
+
 def read_anchor_ply(path: str | Path) -> Anchors:
-    vertex = PlyData.read(str(path))["vertex"]
+    vertex = _read_vertices(path, ("x", "y", "z") + tuple(f"scale_{i}" for i in range(6)))
     names = vertex.data.dtype.names
     k = sum(name.startswith("f_offset_") for name in names) // 3
     feat_dim = sum(name.startswith("f_anchor_feat_") for name in names)
@@ -171,7 +185,8 @@ def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor) -> 
 
 def read_splats(path: str | Path) -> dict[str, torch.Tensor]:
     """A 3DGS PLY back as render() inputs (means, quats, scales, opacities, colors)."""
-    vertex = PlyData.read(str(path))["vertex"]
+    vertex = _read_vertices(path, ("x", "y", "z", "rot_0", "rot_1", "rot_2", "rot_3", "scale_0",
+                                   "scale_1", "scale_2", "opacity", "f_dc_0", "f_dc_1", "f_dc_2"))
 
     def cols(*names):
         return torch.as_tensor(np.stack([vertex[name] for name in names], 1))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mgs.config import check_known_keys
+from mgs.config import check_config
 from mgs.errors import InputError
 
 MODES = ("single", "independent", "shared", "momentum", "full")
@@ -36,8 +36,7 @@ class MomentumConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "MomentumConfig":
-        check_known_keys(cls, values, "momentum", source)
-        config = cls(**values)
+        config = cls(**check_config(cls, values, "momentum", source))
         if config.mode not in MODES:
             raise InputError(f"{source}: momentum 'mode' must be one of {', '.join(MODES)} "
                              f"(got {config.mode!r})")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mgs.atomic import ensure_writable_dir, write_text
-from mgs.config import check_known_keys, yaml_section
+from mgs.config import check_config, yaml_section
 from mgs.errors import InputError
 from mgs.partition_assign import make_visibility, merge_starved, split_validation  # noqa: F401
 from mgs.partition_geometry import (AXES, auto_aabb, cell_bounds, cell_centres, cell_ids,  # noqa: F401
@@ -65,8 +65,7 @@ class PartitionConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "PartitionConfig":
-        check_known_keys(cls, values, "partition", source)
-        config = cls(**values)
+        config = cls(**check_config(cls, values, "partition", source))
         config.validate(source)
         return config
 
@@ -251,6 +250,10 @@ class Partition:
                             points_in_cell=int(b["points_in_cell"]),
                             points_with_margin=int(b["points_with_margin"]))
                       for b in data["blocks"]]
+            if empty := [b.id for b in blocks if not b.train_cameras]:
+                raise InputError(f"{source}: block(s) {', '.join(map(str, empty))} have no train "
+                                 "cameras, so they cannot be trained; rerun `mgs partition` "
+                                 "(it merges blocks with fewer than min_cameras)")
             return cls(aabb=data["aabb"], block_dim=data["block_dim"], up=data["up"],
                        margin=parse_margin(data["margin"], source), assignment=data["assignment"],
                        threshold=data["threshold"], min_cameras=int(data["min_cameras"]),

@@ -25,8 +25,10 @@ import pycolmap
 import torch
 from PIL import Image
 
-from mgs.atomic import atomic_path, ensure_writable_dir, write_text
+from mgs.atomic import _UMASK, atomic_path, ensure_writable_dir, write_text
+from mgs.colmap_check import check_binary_model
 from mgs.errors import InputError, MgsError
+from mgs.images import file_digest, read_cached_png, save_cached_png, to_rgb
 
 log = logging.getLogger("mgs.scene")
 pycolmap.logging.minloglevel = 2
@@ -140,16 +142,28 @@ def _model_file(model_dir: Path, stem: str) -> Path:
     return model_dir / (stem + ".bin")
 
 
+def open_model(model_dir) -> pycolmap.Reconstruction:
+    """pycolmap's reader with a message that names the files (its own says e.g. only
+    "vector::reserve" for a truncated images.bin)."""
+    model_dir = Path(model_dir)
+    check_binary_model(model_dir)  # pycolmap can loop for minutes on truncated counts
+    try:
+        return pycolmap.Reconstruction(str(model_dir))
+    except Exception as exc:  # pycolmap raises ValueError/IndexError/RuntimeError on bad models
+        sizes = ", ".join(f"{p.name} {p.stat().st_size} B" for p in sorted(model_dir.glob("*"))
+                          if p.stem in ("cameras", "images", "points3D")) or "no model files"
+        raise InputError(f"cannot read the COLMAP model in {model_dir} ({sizes}): one of its "
+                         f"files is truncated, damaged or missing (pycolmap: {exc}); re-export "
+                         "the model with cameras, images and points3D files (.bin or .txt)"
+                         ) from exc
+
+
 def read_colmap(model_dir, image_dir) -> tuple[list[Camera], np.ndarray, np.ndarray]:
     """Registered images of a COLMAP model as Cameras (sorted by name), plus its points."""
     model_dir, image_dir = Path(model_dir), Path(image_dir)
     if not model_dir.is_dir():
         raise InputError(f"COLMAP model folder {model_dir} does not exist")
-    try:
-        rec = pycolmap.Reconstruction(str(model_dir))
-    except Exception as exc:  # pycolmap raises ValueError/IndexError/RuntimeError on bad models
-        raise InputError(f"cannot read COLMAP model in {model_dir}: {exc}; "
-                         "it needs cameras, images and points3D files (.bin or .txt)") from exc
+    rec = open_model(model_dir)
     if rec.num_images() == 0:
         raise InputError(f"COLMAP folder {model_dir} has no images; "
                          "run SfM first or point to the right sparse/N folder")
@@ -208,6 +222,7 @@ def write_colmap(cameras, points_xyz, points_rgb, model_dir) -> None:
     old_dir = None
     try:
         rec.write(str(tmp_dir))
+        os.chmod(tmp_dir, 0o777 & ~_UMASK)  # mkdtemp makes 0700; others must read the model
         if model_dir.exists():
             # A directory cannot be replaced in one rename; park the old one first.
             old_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", suffix=".old",
@@ -281,7 +296,7 @@ def load_scene(scene_dir) -> Scene:
 
 # -------------------------------------------------------------- image cache
 
-def _open_rgb(path: Path, camera: Camera) -> Image.Image:
+def _open_rgb(path: Path, camera: Camera, background=(0.0, 0.0, 0.0)) -> Image.Image:
     if not path.is_file():
         raise InputError(f"image file {path} does not exist; restore it or remove it from the "
                          "COLMAP model")
@@ -289,7 +304,7 @@ def _open_rgb(path: Path, camera: Camera) -> Image.Image:
         with Image.open(path) as img:
             img.load()  # decode now so truncated files fail here, not later
             # EXIF orientation is ignored on purpose: COLMAP uses the stored pixel layout.
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img, path, background)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path} ({exc}); re-export it or remove it from "
                          "the COLMAP model") from exc
@@ -304,36 +319,30 @@ def cache_path(camera: Camera, factor: int, cache_dir) -> Path:
     return Path(cache_dir) / f"images_{factor}" / Path(camera.name).with_suffix(".png")
 
 
-def _read_cached(path: Path, size: tuple[int, int], source: Path) -> Image.Image | None:
-    try:
-        if path.stat().st_mtime < source.stat().st_mtime:
-            return None  # the original was re-exported after caching
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except (OSError, ValueError):
-        return None
-    return rgb if rgb.size == size else None
-
-
-def load_image(camera: Camera, factor: int = 1, cache_dir=None) -> torch.Tensor:
+def load_image(camera: Camera, factor: int = 1, cache_dir=None, background=None) -> torch.Tensor:
     """(H, W, 3) float32 in [0, 1] at `camera.scaled(factor)` resolution.
 
     Downsampled images are made with PIL bicubic and cached once as PNG under
-    ``cache_dir/images_{factor}/``; atomic writes make concurrent jobs safe.
+    ``cache_dir/images_{factor}/``, keyed by the source's content (and the `background` that
+    transparent pixels were composited onto, default black); atomic writes make concurrent
+    jobs safe.
     """
+    background = tuple(float(v) for v in (background if background is not None else (0, 0, 0)))
     size = scaled_size(camera.width, camera.height, factor)
     if factor == 1:
-        img = _open_rgb(camera.image_path, camera)
+        img = _open_rgb(camera.image_path, camera, background)
     else:
         if cache_dir is None:
             raise MgsError("load_image needs a cache_dir for factor > 1")
         cached = cache_path(camera, factor, cache_dir)
-        img = _read_cached(cached, size, camera.image_path) if cached.exists() else None
+        img, digest = None, None
+        if camera.image_path.is_file():
+            digest = file_digest(camera.image_path, f"background={background}")
+            img = read_cached_png(cached, size, digest) if cached.exists() else None
         if img is None:
-            img = _open_rgb(camera.image_path, camera).resize(size, Image.BICUBIC)
+            img = _open_rgb(camera.image_path, camera, background).resize(size, Image.BICUBIC)
             ensure_writable_dir(cached.parent)
             with atomic_path(cached) as tmp:
-                img.save(tmp, format="PNG")
+                save_cached_png(img, tmp, digest)
     array = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(array)

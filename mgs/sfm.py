@@ -14,7 +14,6 @@ The old scene in OUT stays valid until the new one is complete.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -28,7 +27,7 @@ import pycolmap
 from PIL import Image
 from tqdm import tqdm
 
-from mgs.atomic import ensure_writable_dir, write_text
+from mgs.atomic import ensure_writable_dir, json_text, refuse_overlap, write_text
 from mgs.errors import InputError, MgsError
 from mgs.scene import MODEL_SUBDIR, SCENE_JSON, Scene, read_colmap, save_scene, split_every
 
@@ -371,6 +370,7 @@ def run_sfm(image_dir, out_dir, config: SfmConfig | None = None) -> Scene:
     config = config or SfmConfig()
     config.validate()
     image_dir, out_dir = Path(image_dir), Path(out_dir)
+    refuse_overlap(out_dir, {"image folder": image_dir}, "scene folder")
     names, sizes = list_images(image_dir)
     ensure_writable_dir(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".sfm-", suffix=".tmp", dir=out_dir))
@@ -414,7 +414,7 @@ def run_sfm(image_dir, out_dir, config: SfmConfig | None = None) -> Scene:
         _replace_dir(work / "sparse", out_dir / "sparse")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_text(out_dir / REPORT_JSON, json.dumps(stats, indent=2) + "\n")
+    write_text(out_dir / REPORT_JSON, json_text(stats))
     cameras, xyz, rgb = read_colmap(out_dir / MODEL_SUBDIR, out_dir / "images")
     train, test = split_every([c.name for c in cameras], every=10)
     scene = Scene(cameras=cameras, train_names=train, test_names=test, points_xyz=xyz,

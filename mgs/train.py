@@ -7,7 +7,6 @@ periodic validation, atomic checkpoints and exact resume.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -18,12 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mgs.atomic import ensure_writable_dir, write_text, write_tsv
+from mgs.atomic import ensure_writable_dir, json_text, write_text, write_tsv
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig
 from mgs.device import resolve_device
 from mgs.densify import DensifyState, adjust_anchors
-from mgs.errors import InputError, TrainingError
+from mgs.errors import InputError, StopRequested, TrainingError
 from mgs.metrics import psnr, ssim
 from mgs.model import Anchors, Decoder, camera_center, decode, decode_attributes
 from mgs.momentum import ema_update_
@@ -48,7 +47,8 @@ class View:
 
 
 def load_views(cameras: list[Camera], factor: int, cache_dir: Path, device: torch.device,
-               desc: str = "images") -> list[View]:
+               desc: str = "images", background=None) -> list[View]:
+    """`background`: what transparent pixels are composited onto (the config's; black if None)."""
     views = []
     for camera in tqdm(cameras, desc=f"loading {desc}", leave=False, mininterval=2.0):
         scaled = camera.scaled(factor)
@@ -57,7 +57,7 @@ def load_views(cameras: list[Camera], factor: int, cache_dir: Path, device: torc
             viewmat=torch.tensor(scaled.world_to_camera, dtype=torch.float32, device=device),
             K=torch.tensor(scaled.K, dtype=torch.float32, device=device),
             width=scaled.width, height=scaled.height,
-            image=load_image(camera, factor, cache_dir).to(device)))
+            image=load_image(camera, factor, cache_dir, background).to(device)))
     return views
 
 
@@ -271,6 +271,9 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
 
     `stop_after` ends the run early at that step after checkpointing, as an interruption would.
     """
+    if resume and not (Path(out_dir) / CHECKPOINT_NAME).is_file():
+        raise InputError(f"--resume: there is no checkpoint {Path(out_dir) / CHECKPOINT_NAME} to "
+                         "continue from; run without --resume to start training")
     out_dir = ensure_writable_dir(out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -279,8 +282,10 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
     if not scene.train_names:
         raise InputError(f"scene {scene.scene_dir} has no training views")
     cache_dir = scene.scene_dir
-    train_views = load_views(scene.train_cameras(), config.resolution, cache_dir, device, "train images")
-    val_views = load_views(scene.test_cameras(), config.resolution, cache_dir, device, "test images")
+    train_views = load_views(scene.train_cameras(), config.resolution, cache_dir, device,
+                             "train images", config.background)
+    val_views = load_views(scene.test_cameras(), config.resolution, cache_dir, device,
+                           "test images", config.background)
 
     torch.manual_seed(config.seed)
     anchors = initial_anchors(scene, config)
@@ -315,8 +320,39 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
                "anchors": trainer.anchors.count, "test_views": len(val_views),
                "train_views": len(train_views), "device": str(device),
                "seconds": history[-1]["seconds"]}
-    write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / "summary.json", json_text(summary))
     return summary
+
+
+class StopSignal:
+    """Set by the CLI's SIGTERM handler (what `scancel` sends): training stops after the
+    current step with a checkpoint instead of dying mid-step."""
+
+    active = False  # a training loop is running and will look at `requested`
+    requested = False
+
+
+def check_finite_parameters(trainer: Trainer) -> None:
+    """Stop when any optimised parameter holds NaN/inf (the loss alone misses NaN anchors,
+    which are culled while the loss stays finite); the last checkpoint is left as it is."""
+    groups = trainer.optimizer.param_groups
+    flags = [torch.isfinite(p).all() for group in groups for p in group["params"]]
+    if not flags or bool(torch.stack(flags).all()):  # one device sync per step
+        return
+    bad = [group["name"] for group in groups
+           if not all(bool(torch.isfinite(p).all()) for p in group["params"])]
+    raise TrainingError(
+        f"parameters of {', '.join(bad)} became non-finite (NaN/inf) at step {trainer.step}; "
+        "stopped without saving, so the last good checkpoint is kept. Lower the learning "
+        f"rate(s) of {', '.join(bad)} or check the input images, then rerun")
+
+
+def _after_step(trainer: Trainer, history: list[dict], save) -> None:
+    check_finite_parameters(trainer)
+    if StopSignal.requested:
+        save(history)
+        raise StopRequested(f"stopped on SIGTERM after step {trainer.step} with a checkpoint; "
+                            "rerun the same command (`mgs train` with --resume) to continue")
 
 
 def _scores(trainer: Trainer, views: list[View]) -> dict[str, float]:
@@ -337,8 +373,10 @@ def run_training(trainer: Trainer, until: int, val_views: list[View], history: l
     start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     running = float("nan")
     progress = tqdm(total=until, initial=trainer.step, desc=desc, mininterval=2.0)
+    StopSignal.active = True
     while trainer.step < last:
         stats = trainer.train_step()
+        _after_step(trainer, history, save)
         running = stats["loss"] if math.isnan(running) else 0.9 * running + 0.1 * stats["loss"]
         step = trainer.step
         progress.update(1)
@@ -352,4 +390,5 @@ def run_training(trainer: Trainer, until: int, val_views: list[View], history: l
         progress.set_postfix(loss=f"{running:.4f}", anchors=trainer.anchors.count, refresh=False)
         if step % config.checkpoint_interval == 0 or step == last:
             save(history)
+    StopSignal.active = False
     progress.close()

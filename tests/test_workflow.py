@@ -112,6 +112,9 @@ BAD_CONFIGS = {
     "block_dim of length 2": ({"partition": {"block_dim": [2, 2]}},
                               ["scenes.ci.partition.block_dim", "too short"]),
     "unknown scene key": ({"matching": "exhaustive"}, ["scenes.ci", "matching"]),
+    # jsonschema's minimum lets NaN through: mgs.validate catches it, as the verbs do
+    "NaN sigma": ({"momentum": {"sigma": float("nan")}}, ["scenes.ci: momentum.sigma", "(0, inf)"]),
+    "NaN learning rate": ({"train": {"feature_lr": float("nan")}}, ["train.feature_lr", "nan"]),
 }
 
 

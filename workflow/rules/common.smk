@@ -12,6 +12,9 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from mgs.errors import MgsError
+from mgs.validate import check_scene
+
 # ---------------------------------------------------------------- configuration
 
 INGEST_SOURCES = ("colmap", "mill19", "urbanscene3d", "matrixcity")
@@ -36,6 +39,14 @@ def _check_config():
             "(keys and their meaning: workflow/schemas/config.schema.yaml)"
         ) from None
     for name, scene in config["scenes"].items():
+        # the checks the mgs verbs run: jsonschema's minimum/maximum let NaN through
+        try:
+            check_scene(scene, f"scenes.{name}")
+        except MgsError as exc:
+            raise WorkflowError(
+                f"invalid config: {exc} "
+                "(keys and their meaning: workflow/schemas/config.schema.yaml)"
+            ) from None
         if scene["source"] in ("synthetic", "images") and scene["resolution"] != 1:
             raise WorkflowError(
                 f"invalid config at 'scenes.{name}.resolution': {scene['resolution']}; "
