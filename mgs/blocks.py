@@ -177,7 +177,8 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
     if partial_path.exists():
         state = run.load(partial_path)
         log.info("resuming %s from step %d", out_path.name, state["step"])
-    # the teacher starts equal to the student (consistency from step 1); finalize freezes the decoder
+    # the teacher starts equal to the student (consistency from step 1); finalize freezes the
+    # decoder
     use_teacher = run.momentum.uses_teacher and not finalize
     trainer, val_views = _block_trainer(run, source, block, shared, use_teacher, device,
                                         freeze_decoder=finalize)
@@ -206,15 +207,13 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
     return result
 
 
-SUMMARY_KEYS = ("round", "block", "step", "decoder", "val_psnr", "val_ssim", "val_psnr_start",
-                "loss_sums", "history")
+SUMMARY_KEYS = ("round", "block", "step", "decoder", "teacher", "val_psnr", "val_ssim",
+                "val_psnr_start", "loss_sums", "history")
 
 
 def decoder_summary(result: dict) -> dict:
     """The part of a block round that sync and the report read (no anchors, no optimizer)."""
     summary = {key: result[key] for key in SUMMARY_KEYS if key in result}
-    if "teacher" in result:
-        summary["teacher"] = result["teacher"]
     summary["anchors"] = len(result["anchors"]["xyz"])
     return summary
 
@@ -258,7 +257,8 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
         "ssim_ema": torch.tensor(ssim_ema, dtype=torch.float64),
         "psnr": torch.tensor([b["val_psnr"] for b in blocks], dtype=torch.float64)})
     last_psnr = previous.get("psnr", torch.full((n,), float("nan")))
-    rows = [_sync_row(round_index, b, blocks[b], last_psnr[b], average, teacher, psnr_ema[b],
+    teacher_gap = state_distance(average, teacher)
+    rows = [_sync_row(round_index, b, blocks[b], last_psnr[b], average, teacher_gap, psnr_ema[b],
                       ssim_ema[b], weights[b]) for b in range(n)]
     write_tsv(run.shared_path(round_index).with_name("sync.tsv"), rows)
     for row in rows:
@@ -270,7 +270,7 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
 
 
 def _sync_row(round_index: int, b: int, block: dict, previous_psnr: float, average: dict,
-              teacher: dict, psnr_ema: float, ssim_ema: float, weight: float) -> dict:
+              teacher_gap: float, psnr_ema: float, ssim_ema: float, weight: float) -> dict:
     """One block's line of sync.tsv: metrics, weight and the diagnostics of the momentum terms."""
     sums = block.get("loss_sums") or new_loss_sums()
     share = sums["consistency"] / sums["photometric"] if sums["photometric"] else 0.0
@@ -282,7 +282,7 @@ def _sync_row(round_index: int, b: int, block: dict, previous_psnr: float, avera
             "weight": weight, "psnr_start": block["val_psnr_start"],
             "previous_sync_cost": sync_cost, "consistency_share": share,
             "student_drift": state_distance(block["decoder"], average),
-            "teacher_gap": state_distance(average, teacher), "anchors": int(block["anchors"])}
+            "teacher_gap": teacher_gap, "anchors": int(block["anchors"])}
 
 
 def finalize_block(run: Run, block: int, stop_after: int | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Momentum-GS math shared by block jobs and sync: block weights, averaging, EMAs.
 
-Each round every block trains its own copy of the student decoder and, with the default `step`
-teacher, its own copy of the momentum teacher, blended from the student before every step. The
+Each round every block trains its own copy of the student decoder and of the momentum teacher,
+which is blended from the student before every step. The
 sync averages students and teachers with the block weights (local SGD) and turns the blocks'
 validation metrics into the next round's weights (ALGORITHM.md §3-§4, DESIGN.md "The teacher").
 """

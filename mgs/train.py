@@ -374,21 +374,25 @@ def run_training(trainer: Trainer, until: int, val_views: list[View], history: l
     running = float("nan")
     progress = tqdm(total=until, initial=trainer.step, desc=desc, mininterval=2.0)
     StopSignal.active = True
-    while trainer.step < last:
-        stats = trainer.train_step()
-        _after_step(trainer, history, save)
-        running = stats["loss"] if math.isnan(running) else 0.9 * running + 0.1 * stats["loss"]
-        step = trainer.step
-        progress.update(1)
-        if step % config.eval_interval == 0 or step == until:
-            history.append(dict(step=step, loss=running, **_scores(trainer, val_views),
-                                anchors=trainer.anchors.count,
-                                seconds=time.perf_counter() - start))
-            log.info("step %d: loss %.4f, validation PSNR %.2f dB, SSIM %.4f, %d anchors", step,
-                     running, history[-1]["val_psnr"], history[-1]["val_ssim"],
-                     trainer.anchors.count)
-        progress.set_postfix(loss=f"{running:.4f}", anchors=trainer.anchors.count, refresh=False)
-        if step % config.checkpoint_interval == 0 or step == last:
-            save(history)
-    StopSignal.active = False
-    progress.close()
+    try:
+        while trainer.step < last:
+            stats = trainer.train_step()
+            _after_step(trainer, history, save)
+            loss = stats["loss"]
+            running = loss if math.isnan(running) else 0.9 * running + 0.1 * loss
+            step = trainer.step
+            progress.update(1)
+            if step % config.eval_interval == 0 or step == until:
+                history.append(dict(step=step, loss=running, **_scores(trainer, val_views),
+                                    anchors=trainer.anchors.count,
+                                    seconds=time.perf_counter() - start))
+                log.info("step %d: loss %.4f, validation PSNR %.2f dB, SSIM %.4f, %d anchors",
+                         step, running, history[-1]["val_psnr"], history[-1]["val_ssim"],
+                         trainer.anchors.count)
+            progress.set_postfix(loss=f"{running:.4f}", anchors=trainer.anchors.count,
+                                 refresh=False)
+            if step % config.checkpoint_interval == 0 or step == last:
+                save(history)
+    finally:  # an error leaves no loop for the SIGTERM handler to wait on
+        StopSignal.active = False
+        progress.close()
