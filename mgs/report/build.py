@@ -5,14 +5,12 @@ A run folder is any folder holding `eval/metrics.json` (written by `mgs evaluate
 all runs; ours beside the paper's numbers for runs of a paper scene (config.yaml's scene.name,
 the run folder or a folder above it named like the paper's rows: building, rubble, ...); the
 ablation when runs of several `momentum.mode`s share one scene; per-block statistics. Figures per run: see
-`mgs.report_figures`. Written: `report.md`, `report.html` (self-contained, images as base64),
+`mgs.report.figures`. Written: `report.md`, `report.html` (self-contained, images as base64),
 the PNGs and the tables as CSV (for `snakemake --report`).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import importlib.resources
 import json
 import logging
@@ -25,8 +23,10 @@ import pandas as pd
 import torch
 import yaml
 
-from mgs import report_figures as figures
-from mgs.atomic import atomic_path, ensure_writable_dir, write_text
+from mgs.report import figures
+from mgs.report.extras import run_sections
+from mgs.report.page import write_pages
+from mgs.atomic import atomic_path, ensure_writable_dir
 from mgs.errors import InputError
 from mgs.momentum import MODES
 
@@ -358,40 +358,6 @@ def make_report(results: str | Path | None, out_dir: str | Path,
             if path is not None:
                 sections.append((f"{run.id}: {kind.replace('_', ' ')}", FIGURE_CAPTIONS[kind],
                                  "figure", path))
-    write_text(out / "report.md", _markdown(sections))
-    write_text(out / "report.html", _html(sections))
+        sections += run_sections(run.id, run.root, out)
+    write_pages(out, PAPER, sections)
     return out / "report.html"
-
-
-def _markdown(sections) -> str:
-    lines = ["# mgs report", "", f"Paper numbers: {PAPER}.", ""]
-    for title, caption, kind, payload in sections:
-        lines += [f"## {title}", "", caption, ""]
-        if kind == "table":
-            lines += [payload.to_markdown(index=False, disable_numparse=True), ""]
-        else:
-            lines += [f"![{title}]({payload.name})", ""]
-    return "\n".join(lines)
-
-
-_STYLE = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}
-td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}
-p.caption{color:#555;font-style:italic}"""
-
-
-def _html(sections) -> str:
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>mgs report</title>", f"<style>{_STYLE}</style></head><body>",
-             "<h1>mgs report</h1>", f"<p>Paper numbers: {html.escape(PAPER)}.</p>"]
-    for title, caption, kind, payload in sections:
-        parts += [f"<h2>{html.escape(title)}</h2>",
-                  f'<p class="caption">{html.escape(caption)}</p>']
-        if kind == "table":
-            parts.append(payload.to_html(index=False, border=0, escape=True))
-        else:  # embedded, so the file works when mailed or moved
-            data = base64.b64encode(Path(payload).read_bytes()).decode("ascii")
-            parts.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
