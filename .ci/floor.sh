@@ -16,7 +16,7 @@ WORK=$(mktemp -d /tmp/mgs-floor.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q "snakemake==$SNAKEMAKE" "snakemake-executor-plugin-slurm==$PLUGIN"
-cp -r Snakefile workflow config profiles envs "$WORK/"
+cp -r workflow config profiles envs "$WORK/"
 cp -P slurm "$WORK/"
 cd "$WORK"
 # common.smk imports mgs's config checks (pure Python): the repository on PYTHONPATH

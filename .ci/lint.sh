@@ -8,5 +8,5 @@ if [ -x "$VENV/bin/snakemake" ]; then
     export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 fi
 snakemake --lint --cores 1
-snakefmt --check --diff Snakefile workflow
+snakefmt --check --diff workflow
 echo "workflow lint and format: clean"

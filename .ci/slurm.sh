@@ -3,7 +3,8 @@
 #   snakemake --profile slurm --profile .ci/slurm-profile --configfile config/ci.yaml .ci/slurm-cpu.yaml
 # (`--profile slurm` as users type it, from the repository root). Checks that the block jobs went
 # through sbatch with --gpus=1, that 4 blocks ran on the 2 GPU slots, that sync ran on the submit
-# host (no sbatch), and that a block job cancelled with scancel is retried and the workflow completes.
+# host (no sbatch), that a block job cancelled with scancel is retried and the workflow completes,
+# and that a job killed by SLURM for exceeding its memory is resubmitted with more and succeeds.
 # Needs root and apt (Debian/Ubuntu). Uses VENV (default .venv) for snakemake and mgs.
 # Everything else lives in a temporary folder; the daemons are stopped on exit.
 set -euo pipefail
@@ -94,7 +95,10 @@ SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+# no cgroups here: memory is enforced by polling each job's RSS every second (OverMemoryKill)
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherParams=OverMemoryKill
+JobAcctGatherFrequency=task=1
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -125,7 +129,7 @@ done
 echo "SLURM up: node $HOST, 2 CPUs, gres $(sinfo -h -o %G | head -n 1), partitions $(sinfo -h -o %P | tr '\n' ' ')"
 
 # ------------------------------------------------------------------ workflow
-cp -r Snakefile workflow config profiles envs .ci "$RUN/"
+cp -r workflow config profiles envs .ci "$RUN/"
 cp -P slurm "$RUN/"
 cd "$RUN"
 
@@ -224,4 +228,21 @@ rounds=2
     fail "expected $((blocks * rounds)) block submissions + 1 retry, got $n_block"
 grep -q 'resuming block_' results/ci/logs/train_block/round_*/block_*.log ||
     echo "note: the retried block did not find an in-job checkpoint to resume from"
+
+# ------------------------------------------------------------------ memory kill and retry
+# One finalize job asks for less memory than it uses (.ci/slurm-oom-profile: mem_mb scaled by
+# attempt, as in profiles/slurm): SLURM kills it, Snakemake resubmits it with twice the memory.
+oom_start=$(date +%s)
+snakemake --profile slurm --profile .ci/slurm-profile --profile .ci/slurm-oom-profile \
+    --configfile config/ci.yaml .ci/slurm-cpu.yaml -R results/ci/final/block_0.pt \
+    --until finalize_block --verbose >"$WORK/oom.log" 2>&1 ||
+    fail "the memory-killed job was not retried to success (see $WORK/oom.log)"
+oom_mem=$(grep -E '^sbatch call: sbatch .*rule_finalize_block_' "$WORK/oom.log" |
+    grep -o -- '--mem [0-9]*' | awk '{print $2}' | paste -sd' ')
+oom_killed=$(grep -l -i 'exceeded .*memory\|oom\|out.of.memory' \
+    .snakemake/slurm_logs/rule_finalize_block/*/*.log 2>/dev/null | head -n 1)
+echo "memory kill: finalize_block submitted with --mem $oom_mem MB in $(($(date +%s) - oom_start)) s"
+[ "$(echo "$oom_mem" | wc -w)" -ge 2 ] || fail "finalize_block was not resubmitted (mem: $oom_mem)"
+[ -n "$oom_killed" ] || fail "no finalize_block log says it ran out of memory"
+grep -i -m 1 'exceeded .*memory\|oom\|out.of.memory' "$oom_killed" | sed 's/^/  /'
 echo "SLURM CI passed in $(($(date +%s) - start)) s"

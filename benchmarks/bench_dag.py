@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+WORKFLOW_FILES = ("workflow", "config", "profiles", "envs")
 SCENE = "big"
 
 

@@ -58,7 +58,7 @@ step cuda_tests 900 "$PYTHON" -m pytest -m cuda -rs -v -p no:cacheprovider tests
 step bench_render 600 "$PYTHON" benchmarks/bench_render.py --cuda-only --repeats 3
 
 # 5. the CI scene through Snakemake on the GPU, reusing the build of step 2
-cp -r Snakefile workflow config profiles envs "$WORK/"
+cp -r workflow config profiles envs "$WORK/"
 cat >"$WORK/gpu.yaml" <<EOF
 gsplat:
   arch_list: "$ARCH"

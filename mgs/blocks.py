@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,7 +267,32 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
                  "consistency %.2f of photometric, drift %.3g", round_index, row["block"],
                  row["psnr"], row["psnr_start"], row["ssim"], row["weight"],
                  row["consistency_share"], row["student_drift"])
+    if momentum.keep_rounds:
+        prune_rounds(run, round_index - momentum.keep_rounds)
     return rows
+
+
+def prune_rounds(run: Run, last: int) -> None:
+    """Remove the full block checkpoints of rounds <= `last` (decoder summaries and shared
+    decoders stay). Every job that reads them has finished once a later round is synced."""
+    if last < 0:
+        return
+    freed = 0
+    init_dir = run.root / "rounds" / "0"
+    if init_dir.is_dir():  # init's output is one folder: removed whole, so a workflow regenerates
+        staging = init_dir.with_name(".0.removing")  # it on demand instead of trusting a husk
+        shutil.rmtree(staging, ignore_errors=True)
+        freed += sum(f.stat().st_size for f in init_dir.glob("*") if f.is_file())
+        init_dir.rename(staging)
+        shutil.rmtree(staging)
+    for round_dir in (run.root / "rounds").glob("*"):
+        if round_dir.name.isdigit() and 0 < int(round_dir.name) <= last:
+            for path in round_dir.glob("block_*.pt"):
+                freed += path.stat().st_size
+                path.unlink()
+    if freed:
+        log.info("removed the full block checkpoints of rounds <= %d (%.1f MB; "
+                 "momentum.keep_rounds %d)", last, freed / 1e6, run.momentum.keep_rounds)
 
 
 def _sync_row(round_index: int, b: int, block: dict, previous_psnr: float, average: dict,

@@ -33,6 +33,9 @@ class MomentumConfig:
     warmup_rounds: int = 1  # weights stay 1 up to and including this round
     # per training step, as officially; a sync applies it for the round's steps (sync_metric_decay)
     metric_ema: float = 0.9
+    # full block checkpoints of the last keep_rounds rounds stay on disk (0: all); sync removes
+    # older ones. Disk only: it shapes no result and is outside every checkpoint's config hash
+    keep_rounds: int = 2
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "MomentumConfig":

@@ -59,7 +59,7 @@ SPECS: dict[str, dict[str, str]] = {
         "final_iterations": "int [0, inf)", "momentum": "float [0, 1)",
         "consistency_weight": "float [0, inf)", "sigma": "float (0, inf)",
         "ssim_scale": "float [0, inf)", "warmup_rounds": "int [0, inf)",
-        "metric_ema": "float [0, 1)"},
+        "metric_ema": "float [0, 1)", "keep_rounds": "int [0, inf)"},
 }
 SECTIONS = ("synthetic", "sfm", "partition", "train", "momentum")
 _SPEC = re.compile(r"^(int|float|bool|str)(\?)?(?:\[(\d+)\])?"

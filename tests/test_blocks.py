@@ -20,7 +20,7 @@ TRAIN = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=2, upda
              update_interval=5, update_until=20, eval_interval=10, checkpoint_interval=5,
              threads=2)
 MOMENTUM = dict(mode="full", rounds=2, iterations_per_round=10, final_iterations=5,
-                consistency_weight=50.0, sigma=1.0)
+                consistency_weight=50.0, sigma=1.0, keep_rounds=0)
 
 
 def make_run(root, tiny_scene, **momentum):
@@ -174,3 +174,24 @@ def test_block_checkpoint_from_another_config_is_refused(trained_run, tmp_path):
     other.write_text(yaml.safe_dump({"train": {**TRAIN, "n_offsets": 5}, "momentum": MOMENTUM}))
     with pytest.raises(InputError, match="different configuration"):
         train_block(Run.open(run.root, other), 1, 0)
+
+
+def test_sync_keeps_the_full_checkpoints_of_the_last_rounds_only(tiny_scene, tmp_path):
+    run = make_run(tmp_path / "run", tiny_scene, rounds=3, iterations_per_round=3,
+                   keep_rounds=2)
+    n = init_blocks(run)
+    kept = {}
+    for r in (1, 2, 3):
+        for b in range(n):
+            train_block(run, r, b)
+        sync_round(run, r)
+        kept[r] = sorted(str(p.relative_to(run.root)) for p in run.root.glob("rounds/*/*.pt"))
+    assert "rounds/0/block_0.pt" in kept[1]
+    assert not any(k.startswith("rounds/0/") for k in kept[2])  # init's folder goes whole
+    assert "rounds/1/block_0.pt" in kept[2] and "rounds/1/block_0.pt" not in kept[3]
+    blocks = sorted(str(p.relative_to(run.root)) for p in run.root.glob("rounds/*/block_*.pt"))
+    assert blocks == [f"rounds/{r}/block_{b}.pt" for r in (2, 3) for b in range(n)]
+    for r in (1, 2, 3):  # what sync and the report read stays
+        assert run.shared_path(r).exists()
+        assert all(run.decoder_path(r, b).exists() for b in range(n))
+    finalize_block(run, 0)  # the last round is all finalize needs

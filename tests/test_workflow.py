@@ -25,7 +25,7 @@ from mgs.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs", "slurm")
+WORKFLOW_FILES = ("workflow", "config", "profiles", "envs", "slurm", ".test")
 SECTIONS = {"synthetic": SyntheticConfig, "sfm": SfmConfig, "partition": PartitionConfig,
             "train": TrainConfig, "momentum": MomentumConfig}
 SCENE = "ci"
@@ -150,6 +150,16 @@ def test_dry_run_of_the_demo_plans_its_jobs(dry_workflow):
         assert rule in out
     # the block jobs appear once the partition checkpoint has run
     assert "checkpoint" in out
+
+
+def test_catalog_layout_runs_from_the_root_and_on_the_test_config(dry_workflow):
+    """workflow/Snakefile is found from the repository root; `--directory .test` plans the CI
+    scene (the Snakemake workflow catalog's test layout) with its results inside .test/."""
+    assert not (dry_workflow / "Snakefile").exists()
+    result = snakemake(dry_workflow, "--dry-run", "--cores", "2", "--directory", ".test")
+    out = result.stdout + result.stderr
+    assert "workflow/Snakefile" in out and "results/ci/scene/scene.json" in out
+    assert "results/demo" not in out
 
 
 def _scene_override(workdir: Path, name: str, top: dict | None = None, **train) -> str:

@@ -259,7 +259,9 @@ def stage_keys(stage, scene):
         return _section(scene, "partition", drop=("device",))
     blocks = {
         "train": _section(scene, "train"),
-        "momentum": _section(scene, "momentum", drop=("rounds", "final_iterations")),
+        "momentum": _section(
+            scene, "momentum", drop=("rounds", "final_iterations", "keep_rounds")
+        ),
     }
     if stage == "blocks":  # init, train_block, sync: rounds may grow without a rerun
         return blocks
