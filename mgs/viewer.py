@@ -246,6 +246,9 @@ class Viewer:
         if self._closing.is_set():
             return
         self._closing.set()
+        deadline = time.monotonic() + 10
+        while self._pending and time.monotonic() < deadline:  # a frame in flight is dropped
+            time.sleep(0.05)
         self.server.stop()
 
 
