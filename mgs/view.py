@@ -44,7 +44,16 @@ def report_sections(run_id: str, root: Path, out: Path) -> list:
     return sections
 
 
+def _require(module: str, verb: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"`mgs {verb}` needs the package {module!r}: install the view extra "
+                         "(`pip install -e '.[view]'` in this repository, or `make install`)")
+
+
 def _run_view(args) -> None:
+    _require("viser", "view")
     from mgs.viewer import Viewer
     from mgs.view_scene import RunView
 
@@ -59,6 +68,7 @@ def _run_view(args) -> None:
 
 
 def _run_render(args) -> None:
+    _require("imageio_ffmpeg", "render")
     from mgs.flythrough import render_video
 
     render_video(args.run, args.out, path=args.path, split=args.split, frames=args.frames,

@@ -62,9 +62,10 @@ def _free_port() -> int:
 
 
 def _scene_region(png: bytes) -> np.ndarray:
-    """The screenshot's 3D area: left of the panel, below the notification strip."""
+    """The screenshot's 3D area: left of the panel, below the notification strip, right of the
+    axes gizmo (bottom left)."""
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
-    return pixels[200:, :-PANEL_WIDTH]
+    return pixels[200:, 80:-PANEL_WIDTH]
 
 
 def _wait_for_picture(page, timeout=120.0) -> np.ndarray:
@@ -88,6 +89,7 @@ def _click(page, label: str) -> None:
         }}
         return false; }})()""")
     assert clicked, f"no checkbox labelled {label!r}"
+    time.sleep(1.0)  # the page sends GUI changes throttled: quicker clicks can be merged
 
 
 @pytest.mark.slow
@@ -146,7 +148,7 @@ def test_screenshot_and_flythrough_appear_in_the_report(viewed_run, tmp_path):
     assert main(["view", str(viewed_run), "--port", str(_free_port()), "--screenshot"]) == 0
     shot = np.asarray(Image.open(viewed_run / SCREENSHOT).convert("RGB"), dtype=np.float32)
     assert shot.shape == (800, 1280, 3)
-    scene_part = shot[200:, :-PANEL_WIDTH]
+    scene_part = shot[200:, 80:-PANEL_WIDTH]
     assert scene_part.std() > 8 and np.ptp(scene_part.reshape(-1, 3), axis=0).max() > 100
     assert main(["render", str(viewed_run), "--frames", "4", "--size", "64x48"]) == 0
     page = make_report(None, tmp_path / "report", run_dirs=[viewed_run]).read_text()
