@@ -27,6 +27,7 @@ from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, r
 from mgs.config import check_config, yaml_section
 from mgs.errors import MgsError
 from mgs.preflight import add_parser as add_preflight
+from mgs.view import add_parser as add_view
 
 log = logging.getLogger("mgs")
 
@@ -408,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_report(sub)
     add_preflight(sub)
+    add_view(sub)
     return parser
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MAKERS: list = []
+from mgs.view import report_sections as view_sections
+
+MAKERS: list = [view_sections]
 
 
 def run_sections(run_id: str, root: Path, out: Path) -> list:
