@@ -207,15 +207,18 @@ def _run_configure(args) -> None:
 
 
 def _add_ingest(sub) -> None:
-    p = sub.add_parser("ingest", help="convert a paper dataset layout or a COLMAP model into a "
-                                      "scene folder (images downsampled once)")
-    p.add_argument("dataset", choices=("mill19", "urbanscene3d", "matrixcity", "colmap"))
-    p.add_argument("src", help="dataset folder, e.g. data/mill19/rubble-pixsfm")
+    p = sub.add_parser("ingest", help="convert a paper dataset layout, a COLMAP model or a "
+                                      "transforms.json capture into a scene folder (images "
+                                      "downsampled once)")
+    p.add_argument("dataset", choices=("mill19", "urbanscene3d", "matrixcity", "colmap",
+                                       "transforms"))
+    p.add_argument("src", help="dataset folder, e.g. data/mill19/rubble-pixsfm (transforms: the "
+                               "folder of transforms.json, or the json)")
     p.add_argument("out", help="scene folder to write")
     p.add_argument("--factor", type=int, default=None,
-                   help="downsampling factor (default 4 for mill19/urbanscene3d, 1 for colmap)")
+                   help="downsampling factor (default 4 for mill19/urbanscene3d, else 1)")
     p.add_argument("--width", type=int, default=None,
-                   help="MatrixCity: resize to this width (default 1600)")
+                   help="resize wider images to this width (MatrixCity: default 1600)")
     p.add_argument("--up", default=None,
                    help="up axis: auto (from the cameras), x|y|z (sign from the cameras), "
                         "+x … -z; default y for mill19/urbanscene3d, z for matrixcity, else auto")
