@@ -26,6 +26,7 @@ from mgs.atomic import json_text, refuse_overlap
 from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, run_inputs
 from mgs.config import check_config, yaml_section
 from mgs.errors import MgsError
+from mgs.export import add_parser as add_export
 from mgs.preflight import add_parser as add_preflight
 
 log = logging.getLogger("mgs")
@@ -411,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_report(sub)
     add_preflight(sub)
+    add_export(sub)
     return parser
 
 

@@ -183,6 +183,7 @@ def test_workflow_plans_a_transforms_scene(original, tmp_path):
 
     capture = tmp_path / "capture"
     write_capture(original, capture, "ngp")
+    (tmp_path / "wf").mkdir()
     workdir = copy_workflow(tmp_path / "wf")
     config = yaml.safe_load((workdir / "config" / "ci.yaml").read_text())
     scene = next(iter(config["scenes"].values()))

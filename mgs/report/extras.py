@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MAKERS: list = []
+from mgs.export import report_sections as export_sections
+
+MAKERS: list = [export_sections]
 
 
 def run_sections(run_id: str, root: Path, out: Path) -> list:
