@@ -423,6 +423,7 @@ REPORT_FILES = [
     ("config.yaml",),
     ("partition", "partition.json"),
     ("partition", "partition.png"),
+    ("model", "export.csv"),
 ]
 
 
