@@ -125,20 +125,21 @@ def _read_split_files(files: dict[str, Path]):
     cameras = read_frames(files["train"], meta)
     if "test" in files:
         return cameras, read_frames(files["test"], _load_json(files["test"]), "test_"), meta
-    by_path = {cam.name: cam for cam in cameras}
     listed = meta.get("test_filenames") or meta.get("val_filenames")
-    if listed:
-        wanted = {Path(p).name for p in listed} | {Path(p).stem for p in listed}
-        test = [c for c in cameras if c.name in wanted or Path(c.name).stem in wanted]
+    if listed:  # nerfstudio's own split, by file name (with or without the folder/extension)
+        test = _named(cameras, listed)
         train_listed = meta.get("train_filenames")
-        train_wanted = None if not train_listed else \
-            {Path(p).name for p in train_listed} | {Path(p).stem for p in train_listed}
-        train = [c for c in cameras if c not in test and (train_wanted is None or c.name in
-                                                          train_wanted or Path(c.name).stem
-                                                          in train_wanted)]
-        return train, test, meta
-    train_names, test_names = split_every(list(by_path), every=10)
-    return [by_path[n] for n in train_names], [by_path[n] for n in test_names], meta
+        train = _named(cameras, train_listed) if train_listed else cameras
+        test_names = {c.name for c in test}
+        return [c for c in train if c.name not in test_names], test, meta
+    by_name = {cam.name: cam for cam in cameras}
+    train_names, test_names = split_every(list(by_name), every=10)
+    return [by_name[n] for n in train_names], [by_name[n] for n in test_names], meta
+
+
+def _named(cameras: list[Camera], paths: list) -> list[Camera]:
+    wanted = {Path(str(p)).name for p in paths} | {Path(str(p)).stem for p in paths}
+    return [c for c in cameras if c.name in wanted or Path(c.name).stem in wanted]
 
 
 def read_frames(path: Path, meta: dict, prefix: str = "") -> list[Camera]:

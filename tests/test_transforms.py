@@ -194,3 +194,13 @@ def test_workflow_plans_a_transforms_scene(original, tmp_path):
     result = snakemake(workdir, "--dry-run", "--printshellcmds", f"--configfile={path}")
     assert "rule scene_ingest:" in result.stdout
     assert f"mgs ingest transforms {capture}" in result.stdout
+
+
+def test_nerfstudio_split_lists_are_kept(original, tmp_path):
+    path = write_capture(original, tmp_path / "ns", "nerfstudio")
+    meta = json.loads(path.read_text())
+    meta["test_filenames"] = ["images/view_0003.png", "images/view_0011"]
+    path.write_text(json.dumps(meta))
+    scene = main_ingest(path.parent, tmp_path / "scene")
+    assert scene.test_names == ["view_0003.png", "view_0011.png"]
+    assert len(scene.train_names) == SYNTH.num_views - 2
