@@ -26,6 +26,7 @@ from mgs.atomic import json_text, refuse_overlap
 from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, run_inputs
 from mgs.config import check_config, yaml_section
 from mgs.errors import MgsError
+from mgs.export import add_parser as add_export
 from mgs.preflight import add_parser as add_preflight
 from mgs.view import add_parser as add_view
 
@@ -208,15 +209,18 @@ def _run_configure(args) -> None:
 
 
 def _add_ingest(sub) -> None:
-    p = sub.add_parser("ingest", help="convert a paper dataset layout or a COLMAP model into a "
-                                      "scene folder (images downsampled once)")
-    p.add_argument("dataset", choices=("mill19", "urbanscene3d", "matrixcity", "colmap"))
-    p.add_argument("src", help="dataset folder, e.g. data/mill19/rubble-pixsfm")
+    p = sub.add_parser("ingest", help="convert a paper dataset layout, a COLMAP model or a "
+                                      "transforms.json capture into a scene folder (images "
+                                      "downsampled once)")
+    p.add_argument("dataset", choices=("mill19", "urbanscene3d", "matrixcity", "colmap",
+                                       "transforms"))
+    p.add_argument("src", help="dataset folder, e.g. data/mill19/rubble-pixsfm (transforms: the "
+                               "folder of transforms.json, or the json)")
     p.add_argument("out", help="scene folder to write")
     p.add_argument("--factor", type=int, default=None,
-                   help="downsampling factor (default 4 for mill19/urbanscene3d, 1 for colmap)")
+                   help="downsampling factor (default 4 for mill19/urbanscene3d, else 1)")
     p.add_argument("--width", type=int, default=None,
-                   help="MatrixCity: resize to this width (default 1600)")
+                   help="resize wider images to this width (MatrixCity: default 1600)")
     p.add_argument("--up", default=None,
                    help="up axis: auto (from the cameras), x|y|z (sign from the cameras), "
                         "+x … -z; default y for mill19/urbanscene3d, z for matrixcity, else auto")
@@ -410,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     add_preflight(sub)
     add_view(sub)
+    add_export(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ Layouts (ALGORITHM.md §1.1; train and test are separate models in one world fra
     matrixcity:    aerial/{train,test}/block_all/transforms[_{split}].json + images
                    (+ train/block_all/sparse/0: the COLMAP point cloud used for initialisation)
     colmap:        <dir>/{images,sparse/0} — an undistorted model; every 10th image is test
+    transforms:    <dir>/transforms.json (instant-ngp, nerfstudio): see mgs.transforms
 
 Images are downsampled once, at ingest, and written as the scene's own ``images/`` (PNG,
 PIL bicubic, ``⌊W/f⌋×⌊H/f⌋`` as the official ``downsample.py``; MatrixCity to 1600 px wide)
@@ -40,8 +41,8 @@ from mgs.sfm import IMAGE_SUFFIXES, estimate_up
 log = logging.getLogger("mgs.datasets")
 pycolmap.logging.minloglevel = 2
 
-DATASETS = ("mill19", "urbanscene3d", "matrixcity", "colmap")
-DEFAULT_FACTOR = {"mill19": 4, "urbanscene3d": 4, "matrixcity": 1, "colmap": 1}
+DATASETS = ("mill19", "urbanscene3d", "matrixcity", "colmap", "transforms")
+DEFAULT_FACTOR = {"mill19": 4, "urbanscene3d": 4, "matrixcity": 1, "colmap": 1, "transforms": 1}
 # Vertical axis of each layout (ALGORITHM.md §1.3); the sign comes from the cameras.
 DEFAULT_UP = {"mill19": "y", "urbanscene3d": "y", "matrixcity": "z", "colmap": "auto"}
 MATRIXCITY_WIDTH = 1600
@@ -59,12 +60,16 @@ def ingest(dataset: str, src, out, factor: int | None = None, width: int | None 
     if dataset not in DATASETS:
         raise MgsError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise InputError(f"dataset folder {src} does not exist")
-    refuse_overlap(out, {"dataset folder": src}, "scene folder")
     factor = DEFAULT_FACTOR[dataset] if factor is None else int(factor)
     if factor < 1:
         raise MgsError(f"--factor must be a positive integer, got {factor}")
+    if dataset == "transforms":
+        from mgs.transforms import ingest_transforms
+
+        return ingest_transforms(src, out, factor, width, up)
+    if not src.is_dir():
+        raise InputError(f"dataset folder {src} does not exist")
+    refuse_overlap(out, {"dataset folder": src}, "scene folder")
     if dataset == "matrixcity":
         train, test, xyz, rgb = _matrixcity(src)
         width = MATRIXCITY_WIDTH if width is None else int(width)

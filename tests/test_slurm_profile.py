@@ -21,7 +21,8 @@ from test_workflow import REPO, copy_workflow, snakemake
 submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
 slurm_utils = pytest.importorskip("snakemake_executor_plugin_slurm.utils")
 
-GPU_RULES = {"gsplat_build", "train_block", "finalize_block", "evaluate", "coarse", "partition_ssim"}
+GPU_RULES = {"gsplat_build", "train_block", "finalize_block", "evaluate", "export", "coarse",
+             "partition_ssim"}
 
 
 class _Resources(dict):

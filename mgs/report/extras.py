@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mgs.export import report_sections as export_sections
 from mgs.view import report_sections as view_sections
 
-MAKERS: list = [view_sections]
+MAKERS: list = [export_sections, view_sections]
 
 
 def run_sections(run_id: str, root: Path, out: Path) -> list:

@@ -17,7 +17,7 @@ from mgs.validate import check_scene
 
 # ---------------------------------------------------------------- configuration
 
-INGEST_SOURCES = ("colmap", "mill19", "urbanscene3d", "matrixcity")
+INGEST_SOURCES = ("colmap", "mill19", "urbanscene3d", "matrixcity", "transforms")
 # keys that change how fast a job runs, not what it writes: never a reason to rerun
 COMPUTE_KEYS = {
     "train": ("device", "backend", "threads", "checkpoint_interval"),
@@ -181,8 +181,20 @@ def ingest_source(wildcards):
     return ancient(scene_config(wildcards)["path"])
 
 
-# files of a dataset folder that shape a scene: images and COLMAP models
-DATASET_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bin", ".txt", ".npy"}
+# files of a dataset folder that shape a scene: images, COLMAP models, transforms.json and
+# its points
+DATASET_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".tif",
+    ".tiff",
+    ".bin",
+    ".txt",
+    ".npy",
+    ".json",
+    ".ply",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -413,6 +425,7 @@ REPORT_FILES = [
     ("config.yaml",),
     ("partition", "partition.json"),
     ("partition", "partition.png"),
+    ("model", "export.csv"),
 ]
 
 

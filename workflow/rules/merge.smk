@@ -1,4 +1,5 @@
-# The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply.
+# The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply,
+# and its compressed export.
 # Its blocks are final/ (after finalize) or the last round's when final_iterations is 0.
 
 
@@ -24,3 +25,30 @@ rule merge:
         settings=stage_trigger("final"),
     shell:
         "mgs merge --run {params.run} > {log} 2>&1"
+
+
+# The merged model as a .splat file for web viewers (32 bytes per Gaussian), with its size and the
+# PSNR of the test views rendered from it beside the PLY's (model/export.csv, in the report).
+rule export:
+    input:
+        config=ancient("results/{scene}/config.yaml"),
+        splats="results/{scene}/model/splats.ply",
+        gsplat=gsplat_build_input,
+    output:
+        splat="results/{scene}/model/splats.splat",
+        table="results/{scene}/model/export.csv",
+    log:
+        "results/{scene}/logs/export.log",
+    benchmark:
+        "results/{scene}/benchmarks/export.tsv"
+    conda:
+        "../../envs/mgs.yaml"
+    resources:
+        gpu=gpu("export"),
+        mem_mb=mem_mb("evaluate"),
+        runtime=runtime("evaluate"),
+    params:
+        run=subpath(input.config, parent=True),
+        settings=stage_trigger("final"),
+    shell:
+        "mgs export {params.run} --format splat > {log} 2>&1"
