@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from mgs.blocks import Run, train_all
-from mgs.browser import HeadlessPage, find_chromium
+from mgs.view.browser import HeadlessPage, find_chromium
 from mgs.cli import main
 from mgs.errors import InputError
 from mgs.evaluate import evaluate_run

@@ -1,5 +1,5 @@
-"""`mgs view RUN` (the merged model in a web browser, `mgs.viewer`) and `mgs render RUN` (a
-fly-through video, `mgs.flythrough`), and the report section showing what they wrote.
+"""`mgs view RUN` (the merged model in a web browser, `mgs.view.server`) and `mgs render RUN` (a
+fly-through video, `mgs.view.flythrough`), and the report section showing what they wrote.
 
 Kept free of heavy imports: every `mgs` command imports this module to build its parser.
 """
@@ -54,8 +54,8 @@ def _require(module: str, verb: str) -> None:
 
 def _run_view(args) -> None:
     _require("viser", "view")
-    from mgs.viewer import Viewer
-    from mgs.view_scene import RunView
+    from mgs.view.server import Viewer
+    from mgs.view.scene import RunView
 
     if args.render_size is not None and args.render_size < 16:
         raise InputError(f"--render-size {args.render_size} is too small; use 16 or more")
@@ -69,7 +69,7 @@ def _run_view(args) -> None:
 
 def _run_render(args) -> None:
     _require("imageio_ffmpeg", "render")
-    from mgs.flythrough import render_video
+    from mgs.view.flythrough import render_video
 
     render_video(args.run, args.out, path=args.path, split=args.split, frames=args.frames,
                  fps=args.fps, size=parse_size(args.size) if args.size else None,

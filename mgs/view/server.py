@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from mgs.errors import MgsError
-from mgs.view_scene import RunView, block_colour, intrinsics, vertical_fov
+from mgs.view.scene import RunView, block_colour, intrinsics, vertical_fov
 
 log = logging.getLogger("mgs.view")
 
@@ -226,7 +226,7 @@ class Viewer:
 
     def screenshot(self, path: str | Path, timeout: float = 120.0) -> Path:
         """Open the page in headless Chromium, wait for the panel and the render, save a PNG."""
-        from mgs.browser import HeadlessPage, save_png
+        from mgs.view.browser import HeadlessPage, save_png
 
         try:
             with HeadlessPage(*SCREENSHOT_SIZE, timeout=timeout) as page:

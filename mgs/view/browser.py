@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mgs.errors import InputError, MgsError
 
-log = logging.getLogger("mgs.browser")
+log = logging.getLogger("mgs.view.browser")
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
