@@ -4,11 +4,13 @@ Only the compositing step lives here (inputs: means2d, conics, colors, opacities
 packed tile list; outputs: rgb without background, alpha). Projection stays in torch.
 
 Threads own whole tiles (`prange` over tiles). Inside a tile the loop runs over the
-depth-sorted entries and, for each, only over the pixels of its radius box, keeping
-per-pixel state (T, colour, contributor count) in tile-local arrays; each pixel still
-sees its Gaussians in exactly gsplat's order. Gradients are written per list entry: an
-entry belongs to exactly one tile, so there are no write races, and torch's
-`index_add_` then sums entries into their Gaussians.
+depth-sorted entries and, for each, only over the pixels where its alpha can reach 1/255
+(its opacity-aware box: the ellipse sigma <= log(255·opacity), inside its radius box),
+keeping per-pixel state (T, colour, contributor count) in tile-local arrays; each pixel
+still sees its Gaussians in exactly gsplat's order. A tile stops once all its pixels are
+finished; the backward starts at the tile's last contributor the forward recorded.
+Gradients are written per list entry: an entry belongs to exactly one tile, so there are
+no write races, and torch's `index_add_` then sums entries into their Gaussians.
 """
 
 from __future__ import annotations
