@@ -50,7 +50,9 @@ def use_kernel_of(method: str) -> str:
     torch backend use it. Returns the backend name to render with."""
     if "@" not in method:
         return method
+    import atexit
     import importlib.util
+    import shutil
     import tempfile
 
     import mgs.render
@@ -59,6 +61,7 @@ def use_kernel_of(method: str) -> str:
     source = subprocess.run(["git", "-C", REPO_ROOT, "show", f"{rev}:mgs/render/fused.py"],
                             capture_output=True, text=True, check=True).stdout
     folder = tempfile.mkdtemp(prefix="fused_before.")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = os.path.join(folder, "fused_before.py")
     with open(path, "w") as handle:
         handle.write(source)
