@@ -106,7 +106,8 @@ def make_run(root: Path) -> None:
              ["init", "--run", str(root)]]
     for args in steps:
         subprocess.run([sys.executable, "-m", "mgs.cli", *args], env=env_for(THIS_TREE),
-                       check=True, cwd=NEUTRAL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       check=True, cwd=NEUTRAL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
 
 
 def block_jobs(tree: Path, run: Path) -> dict[str, dict]:

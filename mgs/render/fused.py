@@ -85,7 +85,8 @@ def _forward_kernel(params, sigma_bound, boxes, colors, tile_offsets, tile_order
     Each entry visits only the pixels of its opacity-aware box inside this tile; the tile ends
     as soon as every pixel is finished (T would drop to <= eps).
     """
-    half, one, max_alpha, alpha_threshold, t_eps = consts[0], consts[1], consts[2], consts[3], consts[4]
+    half, one, max_alpha, alpha_threshold = consts[0], consts[1], consts[2], consts[3]
+    t_eps = consts[4]
     n_channels = colors.shape[1]
     width, height = centres_x.shape[0], centres_y.shape[0]
     for order_index in prange(tile_order.shape[0]):
@@ -110,7 +111,8 @@ def _forward_kernel(params, sigma_bound, boxes, colors, tile_offsets, tile_order
             if bx0 >= bx1 or by0 >= by1:
                 continue
             mx, my = params[entry, _X], params[entry, _Y]
-            conic_a, conic_b, conic_c = params[entry, _CONIC_A], params[entry, _CONIC_B], params[entry, _CONIC_C]
+            conic_a, conic_b = params[entry, _CONIC_A], params[entry, _CONIC_B]
+            conic_c = params[entry, _CONIC_C]
             opacity, cutoff = params[entry, _OPACITY], sigma_bound[entry]
             for py in range(by0, by1):
                 dy = my - centres_y[py]
@@ -184,7 +186,8 @@ def _backward_kernel(params, sigma_bound, boxes, colors, tile_offsets, tile_orde
             if bx0 >= bx1 or by0 >= by1:
                 continue  # reaches no pixel of this tile: its gradients stay 0
             mx, my = params[entry, _X], params[entry, _Y]
-            conic_a, conic_b, conic_c = params[entry, _CONIC_A], params[entry, _CONIC_B], params[entry, _CONIC_C]
+            conic_a, conic_b = params[entry, _CONIC_A], params[entry, _CONIC_B]
+            conic_c = params[entry, _CONIC_C]
             opacity, cutoff = params[entry, _OPACITY], sigma_bound[entry]
             local = entry - start
             g_x = g_y = g_a = g_b = g_c = g_opacity = zero
