@@ -29,8 +29,8 @@ from mgs.momentum import (MomentumConfig, block_weights, state_distance, update_
                           weighted_average)
 from mgs.partition import load_partition
 from mgs.scene import load_scene
-from mgs.train import (Trainer, load_views, new_loss_sums, resolve_device, run_training,
-                       spatial_lr_scale)
+from mgs.train import Trainer, new_loss_sums, resolve_device, run_training, spatial_lr_scale
+from mgs.view_cache import block_views
 
 log = logging.getLogger("mgs.blocks")
 
@@ -128,17 +128,17 @@ def init_blocks(run: Run) -> int:
 
 def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_teacher: bool,
                    device: torch.device, freeze_decoder: bool = False):
-    scene, partition = run.scene(), run.partition()
-    spec = partition.blocks[block]
+    spec = run.partition().blocks[block]
     config, momentum = run.train, run.momentum
-    train_views = load_views([scene.camera(n) for n in spec.train_cameras], config.resolution,
-                             scene.scene_dir, device, f"block {block} images", config.background)
-    # validation views are training views too (ALGORITHM.md §4): reuse their tensors
-    by_name = {view.name: view for view in train_views}
-    val_views = [by_name[n] for n in spec.validation_cameras if n in by_name]
-    val_views += load_views([scene.camera(n) for n in spec.validation_cameras
-                             if n not in by_name], config.resolution, scene.scene_dir, device,
-                            f"block {block} validation images", config.background)
+    # validation views are training views too (ALGORITHM.md §4): one copy of each image
+    trained = set(spec.train_cameras)
+    held_out = [n for n in spec.validation_cameras if n not in trained]
+    views = block_views(run.root, block, [*spec.train_cameras, *held_out], run.scene,
+                        config.resolution, config.background, device, f"block {block} images")
+    by_name = {view.name: view for view in views}
+    train_views = views[:len(spec.train_cameras)]
+    val_views = [by_name[n] for n in spec.validation_cameras if n in trained]
+    val_views += [by_name[n] for n in held_out]
     decoder = Decoder(config.feat_dim, config.n_offsets)
     teacher = None
     consistency, weight = 0.0, 1.0

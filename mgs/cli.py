@@ -34,10 +34,15 @@ log = logging.getLogger("mgs")
 
 
 def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if not sys.stderr.isatty():  # a job's log file: plain lines, and rich stays unimported
+        logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(message)s",
+                            datefmt="%X")
+        return
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        datefmt="[%X]", handlers=[RichHandler(show_path=False, markup=False)])
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, markup=False)])
 
 
 def _add_synth(sub) -> None:

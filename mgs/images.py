@@ -12,8 +12,12 @@ import hashlib
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from PIL import Image, PngImagePlugin
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger("mgs.images")
 
@@ -25,6 +29,7 @@ DIGEST_KEY = "mgs-source-sha256"
 
 def to_rgb(img: Image.Image, path: Path, background=(0.0, 0.0, 0.0)) -> Image.Image:
     """8-bit RGB of a decoded image; `background` (RGB in [0, 1]) fills transparent pixels."""
+    from PIL import Image  # here, not at the top: file_digest serves jobs that decode nothing
     if img.mode in _SIXTEEN_BIT:
         # 16-bit PNGs decode as I;16 or I (0..65535); scale, don't clip
         values = np.asarray(img, dtype=np.float64)
@@ -64,6 +69,7 @@ def file_digest(path: Path, extra: str = "") -> str:
 
 def save_cached_png(img: Image.Image, dst: Path, digest: str) -> None:
     """Write `img` as PNG at `dst` (a temporary path), tagged with its source digest."""
+    from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_text(DIGEST_KEY, digest)
     img.save(dst, format="PNG", pnginfo=info)
@@ -71,6 +77,7 @@ def save_cached_png(img: Image.Image, dst: Path, digest: str) -> None:
 
 def read_cached_png(path: Path, size, digest: str) -> Image.Image | None:
     """The cached RGB image if it was made from the source with `digest` at `size`, else None."""
+    from PIL import Image
     try:
         with Image.open(path) as img:
             if img.size != tuple(size) or img.info.get(DIGEST_KEY) != digest:

@@ -21,17 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pycolmap
-import torch
-from PIL import Image
 
 from mgs.atomic import _UMASK, atomic_path, ensure_writable_dir, write_text
 from mgs.colmap_check import check_binary_model
 from mgs.errors import InputError, MgsError
-from mgs.images import file_digest, read_cached_png, save_cached_png, to_rgb
 
 log = logging.getLogger("mgs.scene")
-pycolmap.logging.minloglevel = 2
 
 MODEL_SUBDIR = Path("sparse") / "0"
 SCENE_JSON = "scene.json"
@@ -142,10 +137,19 @@ def _model_file(model_dir: Path, stem: str) -> Path:
     return model_dir / (stem + ".bin")
 
 
-def open_model(model_dir) -> pycolmap.Reconstruction:
+def _pycolmap():
+    """pycolmap, imported on first use: jobs that only train never load it."""
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 2
+    return pycolmap
+
+
+def open_model(model_dir):
     """pycolmap's reader with a message that names the files (its own says e.g. only
     "vector::reserve" for a truncated images.bin)."""
     model_dir = Path(model_dir)
+    pycolmap = _pycolmap()
     check_binary_model(model_dir)  # pycolmap can loop for minutes on truncated counts
     try:
         return pycolmap.Reconstruction(str(model_dir))
@@ -192,7 +196,8 @@ def read_colmap(model_dir, image_dir) -> tuple[list[Camera], np.ndarray, np.ndar
     return cameras, xyz, rgb
 
 
-def _to_pycolmap(cameras, points_xyz, points_rgb) -> pycolmap.Reconstruction:
+def _to_pycolmap(cameras, points_xyz, points_rgb):
+    pycolmap = _pycolmap()
     rec = pycolmap.Reconstruction()
     camera_ids: dict[tuple, int] = {}  # identical intrinsics share one COLMAP camera
     for image_id, cam in enumerate(cameras, start=1):
@@ -296,7 +301,11 @@ def load_scene(scene_dir) -> Scene:
 
 # -------------------------------------------------------------- image cache
 
-def _open_rgb(path: Path, camera: Camera, background=(0.0, 0.0, 0.0)) -> Image.Image:
+def _open_rgb(path: Path, camera: Camera, background=(0.0, 0.0, 0.0)):
+    from PIL import Image
+
+    from mgs.images import to_rgb
+
     if not path.is_file():
         raise InputError(f"image file {path} does not exist; restore it or remove it from the "
                          "COLMAP model")
@@ -319,14 +328,34 @@ def cache_path(camera: Camera, factor: int, cache_dir) -> Path:
     return Path(cache_dir) / f"images_{factor}" / Path(camera.name).with_suffix(".png")
 
 
-def load_image(camera: Camera, factor: int = 1, cache_dir=None, background=None) -> torch.Tensor:
-    """(H, W, 3) float32 in [0, 1] at `camera.scaled(factor)` resolution.
+def load_image(camera: Camera, factor: int = 1, cache_dir=None, background=None):
+    """(H, W, 3) float32 torch tensor in [0, 1] at `camera.scaled(factor)` resolution
+    (see `load_image_array`)."""
+    import torch
+
+    return torch.from_numpy(image_to_float(load_image_array(camera, factor, cache_dir,
+                                                            background)))
+
+
+def image_to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels as float32 in [0, 1] (the one conversion every training image goes
+    through, so a cached uint8 copy gives the same bits as decoding again)."""
+    return np.asarray(pixels, dtype=np.float32) / 255.0
+
+
+def load_image_array(camera: Camera, factor: int = 1, cache_dir=None,
+                     background=None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB at `camera.scaled(factor)` resolution.
 
     Downsampled images are made with PIL bicubic and cached once as PNG under
     ``cache_dir/images_{factor}/``, keyed by the source's content (and the `background` that
     transparent pixels were composited onto, default black); atomic writes make concurrent
     jobs safe.
     """
+    from PIL import Image
+
+    from mgs.images import file_digest, read_cached_png, save_cached_png
+
     background = tuple(float(v) for v in (background if background is not None else (0, 0, 0)))
     size = scaled_size(camera.width, camera.height, factor)
     if factor == 1:
@@ -344,5 +373,4 @@ def load_image(camera: Camera, factor: int = 1, cache_dir=None, background=None)
             ensure_writable_dir(cached.parent)
             with atomic_path(cached) as tmp:
                 save_cached_png(img, tmp, digest)
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array)
+    return np.asarray(img, dtype=np.uint8)

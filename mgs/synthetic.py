@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from mgs.atomic import atomic_path, ensure_writable_dir
@@ -365,6 +364,8 @@ def make_synthetic_scene(out_dir, config: SyntheticConfig | None = None) -> Scen
     log.info("synthetic city: %d buildings over %.0f m, %d views of %dx%d at %.0f m altitude",
              config.num_buildings, config.extent, config.num_views, config.width,
              config.height, config.altitude)
+    from PIL import Image
+
     city = build_city(config)
     cameras = flight_cameras(config, image_dir)
     rng = np.random.default_rng(config.seed + 1)

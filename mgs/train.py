@@ -27,7 +27,7 @@ from mgs.metrics import psnr, ssim
 from mgs.model import Anchors, Decoder, camera_center, decode, decode_attributes
 from mgs.momentum import ema_update_
 from mgs.render import render
-from mgs.scene import Camera, Scene, load_image, load_scene
+from mgs.scene import Camera, Scene, image_to_float, load_image_array, load_scene
 
 log = logging.getLogger("mgs.train")
 
@@ -43,7 +43,26 @@ class View:
     K: torch.Tensor
     width: int
     height: int
-    image: torch.Tensor  # (H, W, 3) in [0, 1]
+    # (H, W, 3) uint8: a NumPy array (possibly memory-mapped) on the CPU, a tensor on a GPU;
+    # a quarter of float32's memory, converted for each step that uses it
+    pixels: np.ndarray | torch.Tensor
+
+    @property
+    def image(self) -> torch.Tensor:
+        """(H, W, 3) float32 in [0, 1] on the view's device."""
+        if isinstance(self.pixels, np.ndarray):
+            return torch.from_numpy(image_to_float(self.pixels))
+        return self.pixels.to(torch.float32) / 255.0
+
+
+def make_view(name: str, width: int, height: int, K, world_to_camera, pixels: np.ndarray,
+              device: torch.device) -> View:
+    """A View from a camera at training resolution and its uint8 pixels."""
+    return View(name=name,
+                viewmat=torch.tensor(world_to_camera, dtype=torch.float32, device=device),
+                K=torch.tensor(K, dtype=torch.float32, device=device), width=width, height=height,
+                pixels=pixels if device.type == "cpu" else torch.from_numpy(
+                    np.ascontiguousarray(pixels)).to(device))
 
 
 def load_views(cameras: list[Camera], factor: int, cache_dir: Path, device: torch.device,
@@ -52,12 +71,9 @@ def load_views(cameras: list[Camera], factor: int, cache_dir: Path, device: torc
     views = []
     for camera in tqdm(cameras, desc=f"loading {desc}", leave=False, mininterval=2.0):
         scaled = camera.scaled(factor)
-        views.append(View(
-            name=camera.name,
-            viewmat=torch.tensor(scaled.world_to_camera, dtype=torch.float32, device=device),
-            K=torch.tensor(scaled.K, dtype=torch.float32, device=device),
-            width=scaled.width, height=scaled.height,
-            image=load_image(camera, factor, cache_dir, background).to(device)))
+        views.append(make_view(camera.name, scaled.width, scaled.height, scaled.K,
+                               scaled.world_to_camera,
+                               load_image_array(camera, factor, cache_dir, background), device))
     return views
 
 
@@ -169,8 +185,9 @@ class Trainer:
         if self.teacher is not None:
             ema_update_(self.teacher, self.decoder, self.teacher_momentum)
         out, gaussians, attrs = self.render_view(view)
-        l1 = (out.image - view.image).abs().mean()
-        ssim_value = ssim(out.image, view.image)
+        target = view.image
+        l1 = (out.image - target).abs().mean()
+        ssim_value = ssim(out.image, target)
         scale_reg = gaussians.scales.prod(dim=1).mean() if gaussians.scales.numel() else l1 * 0
         photometric = (1 - c.lambda_dssim) * l1 + c.lambda_dssim * (1 - ssim_value)
         loss = photometric + c.scale_reg_weight * scale_reg
@@ -209,9 +226,9 @@ class Trainer:
         psnrs, ssims = [], []
         for view in views:
             out, _, _ = self.render_view(view)
-            image = out.image.clamp(0, 1)
-            psnrs.append(psnr(image, view.image).item())
-            ssims.append(ssim(image, view.image).item())
+            image, target = out.image.clamp(0, 1), view.image
+            psnrs.append(psnr(image, target).item())
+            ssims.append(ssim(image, target).item())
         return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
 
     # ---- checkpoint state

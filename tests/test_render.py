@@ -277,3 +277,93 @@ def test_torch_tiles_chunking_does_not_change_the_image(monkeypatch):
     monkeypatch.setattr(tiles, "PAIRS_PER_CHUNK", 4000)  # a dozen or more chunks
     chunked = render(**scene, backend="torch-tiles")
     assert torch.equal(chunked.image, whole.image) and torch.equal(chunked.alpha, whole.alpha)
+
+
+def _hand_made(case: str):
+    """Screen-space Gaussians for the fused kernels' culling and early-termination edges."""
+    gen = torch.Generator().manual_seed(5)
+    width, height = 64, 48
+    if case == "opaque_front":  # two opaque Gaussians in front hide everything behind them
+        n = 40
+        means2d = torch.rand(n, 2, generator=gen) * torch.tensor([width, height])
+        means2d[:2] = torch.tensor([width / 2, height / 2])
+        cov = torch.rand(n, 2, generator=gen) * 20 + 2
+        cov[:2] = 1e6
+        opacities = torch.rand(n, generator=gen) * 0.8 + 0.1
+        opacities[:2] = 1.0
+        depths = torch.rand(n, generator=gen) + 2
+        depths[:2] = torch.tensor([0.5, 0.6])
+        b = torch.zeros(n)
+    elif case == "empty_tiles":  # everything in the first tile: the others stay empty
+        n = 20
+        means2d = torch.rand(n, 2, generator=gen) * 5 + 5
+        cov = torch.rand(n, 2, generator=gen) + 0.5  # radius <= 4 px: boxes end before x, y = 16
+        opacities = torch.rand(n, generator=gen) * 0.8 + 0.1
+        depths = torch.rand(n, generator=gen) + 1
+        b = torch.zeros(n)
+    elif case == "tile_borders":  # centres on and next to tile edges, boxes across them
+        points = [(16, 16), (32, 8), (15.99, 31.5), (48.5, 16.0), (16.01, 32), (0, 0), (64, 48)]
+        n = len(points) * 3
+        means2d = torch.tensor(points, dtype=torch.float32).repeat(3, 1)
+        cov = torch.rand(n, 2, generator=gen) * 30 + 1
+        opacities = torch.rand(n, generator=gen) * 0.8 + 0.1
+        depths = torch.rand(n, generator=gen) + 1
+        b = (torch.rand(n, generator=gen) - 0.5) * 0.8
+    else:  # "faint_and_thin": opacities around 1/255 and needle-like ellipses
+        n = 60
+        means2d = torch.rand(n, 2, generator=gen) * torch.tensor([width, height])
+        cov = torch.stack([torch.rand(n, generator=gen) * 200 + 0.3,
+                           torch.rand(n, generator=gen) * 0.5 + 0.3], dim=1)
+        cov[::2] = cov[::2].flip(1)
+        opacities = torch.rand(n, generator=gen) * 0.006 + 0.001
+        opacities[::3] = torch.rand(len(opacities[::3]), generator=gen) * 0.9 + 0.05
+        depths = torch.rand(n, generator=gen) + 1
+        b = (torch.rand(n, generator=gen) - 0.5) * 1.6
+    # covariance [[x, r·sqrt(xy)], [r·sqrt(xy), y]] with |r| < 1; conic = its inverse
+    off = b * torch.sqrt(cov[:, 0] * cov[:, 1])
+    det = cov[:, 0] * cov[:, 1] - off * off
+    conics = torch.stack([cov[:, 1] / det, -off / det, cov[:, 0] / det], dim=1)
+    radii = torch.ceil(3.0 * torch.sqrt(cov.max(dim=1).values)).int()[:, None].repeat(1, 2)
+    colors = torch.rand(n, 3, generator=gen)
+    return means2d, conics, colors, opacities, depths, radii, width, height
+
+
+@pytest.mark.parametrize("case", ["opaque_front", "empty_tiles", "tile_borders", "faint_and_thin"])
+def test_fused_culling_and_early_termination_edges(case):
+    """The fused kernels skip faint pixels, empty tiles and finished pixels: the images equal the
+    brute force, the gradients the pure-torch tiles."""
+    from mgs.render.fused import composite_tiles_fused
+    from mgs.render.reference import composite_brute_force
+    from mgs.render.tiles import build_tile_intersections, composite_tiles_torch
+
+    means2d, conics, colors, opacities, depths, radii, width, height = _hand_made(case)
+    isect = build_tile_intersections(means2d, radii, depths, width, height)
+    results = {}
+    for name in ("fused", "tiles", "brute"):
+        leaves = [t.clone().requires_grad_() for t in (means2d, conics, colors, opacities)]
+        if name == "brute":
+            rgb, alpha = composite_brute_force(*leaves, depths, radii, width, height)
+        else:
+            composite = composite_tiles_fused if name == "fused" else composite_tiles_torch
+            rgb, alpha = composite(*leaves, radii, isect, width, height)
+        gen = torch.Generator().manual_seed(1)
+        loss = (rgb * torch.randn(rgb.shape, generator=gen)).sum() \
+            + (alpha * torch.randn(alpha.shape, generator=gen)).sum()
+        loss.backward()
+        results[name] = (rgb.detach(), alpha.detach(), [leaf.grad for leaf in leaves])
+    rgb, alpha, grads = results["fused"]
+    assert (rgb - results["brute"][0]).abs().max() <= 1e-5
+    assert (alpha - results["brute"][1]).abs().max() <= 1e-5
+    for got, reference in zip(grads, results["tiles"][2]):
+        scale = max(float(reference.abs().max()), 1e-3)
+        torch.testing.assert_close(got, reference, rtol=0, atol=1e-5 * scale)
+    if case == "opaque_front":
+        # the first one takes every pixel to T = 0.001, the second would go below 1e-4: every
+        # pixel finishes there (gsplat skips that one too), nothing behind them reaches a pixel
+        assert (alpha > 0.998).all()
+        assert (grads[2][1:] == 0).all() and (grads[2][0] != 0).all()
+    if case == "empty_tiles":
+        assert (alpha[16:, :] == 0).all() and (alpha[:, 16:] == 0).all()
+    if case == "faint_and_thin":
+        faint = opacities < 1 / 255
+        assert faint.any() and (grads[2][faint] == 0).all()
