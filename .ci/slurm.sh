@@ -101,12 +101,13 @@ JobAcctGatherParams=OverMemoryKill
 JobAcctGatherFrequency=task=1
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+# memory a consumable: only then does a job step carry its --mem as a limit to enforce
+SelectTypeParameters=CR_Core_Memory
 MinJobAge=600
 ReturnToService=2
 MpiDefault=none
 GresTypes=gpu
-# the profile asks up to 64 GB; memory is not a consumable here, so accept the node as declared
+# the profile asks up to 64 GB: accept the node as declared (config_overrides), whatever it has
 SlurmdParameters=config_overrides
 NodeName=$HOST CPUs=2 RealMemory=$((mem_mb > 64000 ? mem_mb : 64000)) Gres=gpu:2 State=UNKNOWN
 # the partition names of profiles/slurm, both on this node
