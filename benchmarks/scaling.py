@@ -69,10 +69,22 @@ def run_job(args: list[str], log_path: Path) -> tuple[float, float, float]:
     return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-def run_stage(name: str, jobs: list[tuple[list[str], Path]], workers: int) -> dict:
+def run_stage(name: str, jobs: list[tuple[list[str], Path]], workers: int,
+              job_log: Path | None = None) -> dict:
+    """The jobs of one stage, `workers` at once; each finished job is appended to `job_log`
+    (so a city stopped half-way still tells what its jobs cost)."""
+
+    def one(job):
+        seconds, cpu, rss = run_job(*job)
+        if job_log is not None:
+            with open(job_log, "a") as handle:
+                handle.write(f"{name}\t{' '.join(job[0][:1] + job[0][3:])}\t{seconds:.2f}\t"
+                             f"{cpu:.2f}\t{rss:.1f}\n")
+        return seconds, cpu, rss
+
     start = time.perf_counter()
     with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
-        results = list(pool.map(lambda job: run_job(*job), jobs))
+        results = list(pool.map(one, jobs))
     seconds, cpu, rss = zip(*results)
     return {"stage": name, "jobs": len(jobs), "seconds": time.perf_counter() - start,
             "job_seconds_mean": float(np.mean(seconds)), "job_seconds_max": max(seconds),
@@ -138,8 +150,11 @@ def run_city(blocks: int, opts) -> pd.DataFrame:
     config = str(run / "config.yaml")
     rows = []
 
+    job_log = city / "jobs.tsv"
+    job_log.write_text("stage\tjob\tseconds\tcpu_seconds\tpeak_rss_mb\n")
+
     def stage(name, jobs):
-        row = run_stage(name, jobs, opts.workers)
+        row = run_stage(name, jobs, opts.workers, job_log)
         row["disk_mb"] = folder_mb(run)
         rows.append(row)
         print(f"  blocks {blocks:3d} {name:12s} {row['jobs']:4d} jobs  {row['seconds']:7.1f} s"
