@@ -1,13 +1,15 @@
 """Cost as the city grows: wall time, peak memory and disk of every workflow stage.
 
 Synthetic cities of 4, 16 and 64 blocks (one 60 m block of city per block of the partition,
-cameras, sparse points and buildings in proportion to area, so every block holds about the same
-data) go through the verbs the workflow's rules call, each job its own process: `mgs configure`,
-`synth`, `partition`, `init`, per round `train-block` per block then `sync`, `finalize-block` per
-block, `merge`, `evaluate`. A job's peak RSS is its own (os.wait4's rusage), so parallel jobs
-do not mix. Per city and stage it prints and writes (scaling.csv, one row per blocks x stage):
-wall time of the stage, mean and max seconds of one job, the stage's largest peak RSS, the run
-folder's disk after the stage, and the merged model's anchors and splats.ply size.
+cameras, sparse points and buildings in proportion to area) go through the verbs the workflow's
+rules call, each job its own process: `mgs configure`, `synth`, `partition` (aabb: the city's
+SfM footprint; a 2N x 2N grid in contracted space, where the aabb fills the middle half, so N x N
+cells tile the city and the empty outer ring is merged away), `init`, per round `train-block`
+per block then `sync`, `finalize-block` per block, `merge`, `evaluate`. A job's peak RSS is its
+own (os.wait4's rusage), so parallel jobs do not mix. Per city and stage it prints and writes
+(scaling.csv, one row per blocks x stage): wall time of the stage, mean and max seconds of one
+job, the stage's largest peak RSS, the run folder's disk after the stage, and the merged model's
+anchors and splats.ply size.
 Then the least-squares slopes of log(cost) against log(blocks) (and against log(anchors) for
 merge and evaluate), checked against the goals: a block job's peak RSS flat, sync at most
 linear in blocks and seconds long, merge and evaluate at most linear in anchors.
@@ -124,11 +126,43 @@ def city_settings(blocks: int, opts) -> dict:
                      num_passes=2 * side, num_views=PER_BLOCK["views"] * blocks,
                      num_points=PER_BLOCK["points"] * blocks)
     return {"name": f"blocks_{blocks}", "source": "synthetic", "synthetic": synthetic,
-            "partition": dict(block_dim=[side, side, 1], aabb="scene", min_cameras=3),
+            # the grid is laid over contracted space, where the aabb fills the middle half: a
+            # 2N x 2N grid puts N x N cells on the aabb and leaves the outer ring empty (merged);
+            # the aabb itself is the city's data footprint (`data_aabb`, set after synth)
+            "partition": dict(block_dim=[2 * side, 2 * side, 1], aabb="scene", min_cameras=2),
             "train": dict(TRAIN, iterations=steps, lr_max_steps=steps,
                           update_until=steps // 2),
             "momentum": dict(mode="full", rounds=opts.rounds, iterations_per_round=opts.iterations,
                              final_iterations=opts.final_iterations, sigma=1.0)}
+
+
+def data_aabb(scene_dir: Path) -> list[float]:
+    """The box of every SfM point (x, y) from the ground to above the cameras (z): the inner
+    cells tile what the views saw, and camera centres stay uncontracted."""
+    from mgs.scene import load_scene
+
+    scene = load_scene(scene_dir)
+    lo, hi = scene.points_xyz.min(axis=0), scene.points_xyz.max(axis=0)
+    top = max(float(camera.center[2]) for camera in scene.train_cameras()) + 1.0
+    return [float(lo[0]), float(lo[1]), min(float(lo[2]), 0.0), float(hi[0]), float(hi[1]), top]
+
+
+def print_blocks(blocks: int, run: Path) -> list[int]:
+    """The partition's block ids, with cameras and own SfM points per block printed."""
+    from mgs.partition import load_partition
+    from mgs.scene import load_scene
+
+    partition = load_partition(run / "partition" / "partition.json")
+    points = load_scene(run / "scene").points_xyz
+    own = np.bincount(partition.block_of_points(points), minlength=partition.num_blocks)
+    cameras = [len(block.train_cameras) for block in partition.blocks]
+    print(f"  blocks {blocks:3d} partition: {partition.num_blocks} blocks; train cameras per "
+          f"block {min(cameras)}-{max(cameras)} (median {np.median(cameras):.0f}), own SfM "
+          f"points {own.min()}-{own.max()} (median {np.median(own):.0f})", flush=True)
+    if partition.num_blocks != blocks:
+        print(f"  note: {partition.num_blocks} blocks, not {blocks}: cells with too few cameras "
+              "were merged", flush=True)
+    return [int(block.id) for block in partition.blocks]
 
 
 def configure(run: Path, settings: dict) -> None:
@@ -179,10 +213,12 @@ def run_city(blocks: int, opts) -> pd.DataFrame:
 
     print(f"blocks {blocks}: city {CELL * math.isqrt(blocks):.0f} m wide", flush=True)
     stage("synth", [(["synth", str(run / "scene"), "--config", config], logs / "synth.log")])
+    settings = city_settings(blocks, opts)
+    settings["partition"]["aabb"] = data_aabb(run / "scene")
+    configure(run, settings)
     stage("partition", [(["partition", "--scene", str(run / "scene"), "--out",
                           str(run / "partition"), "--config", config], logs / "partition.log")])
-    ids = [int(b["id"]) for b in
-           json.loads((run / "partition" / "partition.json").read_text())["blocks"]]
+    ids = print_blocks(blocks, run)
     stage("init", [(["init", "--run", str(run)], logs / "init.log")])
     rounds_rows = {"train-block": [], "sync": []}
     for r in range(1, opts.rounds + 1):
@@ -204,8 +240,6 @@ def run_city(blocks: int, opts) -> pd.DataFrame:
     frame["cameras"] = len(scene["train_names"]) + len(scene["test_names"])
     frame["anchors"] = ply_vertices(run / "model" / "anchors.ply")
     frame["ply_mb"] = (run / "model" / "splats.ply").stat().st_size / 2**20
-    if len(ids) != blocks:
-        print(f"  note: the partition merged small cells: {len(ids)} blocks, not {blocks}")
     if not opts.keep:
         for heavy in ("rounds", "final"):
             shutil.rmtree(run / heavy, ignore_errors=True)
@@ -306,13 +340,17 @@ def ratio(opts) -> None:
                 "momentum": dict(mode="full", rounds=1, iterations_per_round=steps,
                                  final_iterations=0)}
     config = str(run / "config.yaml")
-    if not (run / "rounds" / "0" / "shared.pt").is_file():
+    # each step's output is kept: a rerun resumes after the last finished one
+    if not (run / "scene" / "scene.json").is_file():
         configure(run, settings)
         print(f"ratio city: rendering {RATIO_SCENE['num_views']} views", flush=True)
         run_job(["synth", str(run / "scene"), "--config", config], logs / "synth.log")
+    if not (run / "partition" / "partition.json").is_file():
         run_job(["partition", "--scene", str(run / "scene"), "--out", str(run / "partition"),
                  "--config", config], logs / "partition.log")
-        run_job(["init", "--run", str(run)], logs / "init.log")
+    if not (run / "rounds" / "0" / "shared.pt").is_file():
+        seconds, _, init_rss = run_job(["init", "--run", str(run)], logs / "init.log")
+        print(f"init: {seconds:.0f} s, peak RSS {init_rss:.0f} MB", flush=True)
     partition = json.loads((run / "partition" / "partition.json").read_text())
     image_mb = RATIO_SCENE["width"] * RATIO_SCENE["height"] * 3 * 4 / 2**20  # float32 RGB
     rows = {}
@@ -375,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=Path("results/scaling"))
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--workers", type=int, default=2, help="block jobs at once")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=10, help="steps per block per round")
     parser.add_argument("--final-iterations", type=int, default=5)
     parser.add_argument("--keep", action="store_true",

@@ -84,7 +84,7 @@ def test_report_scaling_bad_tables_fail_clearly(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_scaling_benchmark_smallest_city_end_to_end(tmp_path):
-    """4 blocks, 1 round of 2 steps: every stage runs as its own process and is measured; a
+    """4 blocks, 1 round of 2 steps and 1 final step: every stage runs as its own process and is measured; a
     second invocation reuses the finished city; the report draws the single city."""
     work = tmp_path / "work"
     command = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--work", str(work),
@@ -92,6 +92,8 @@ def test_scaling_benchmark_smallest_city_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+    # the aabb on the city's footprint and the 4x4 grid: its 2x2 inner cells are the blocks
+    assert "partition: 4 blocks;" in done.stdout and "note:" not in done.stdout
     frame = pd.read_csv(work / "scaling.csv")
     assert list(frame["stage"]) == ["synth", "partition", "init", "train-block", "sync",
                                     "finalize", "merge", "evaluate"]
