@@ -380,12 +380,13 @@ def ratio(opts) -> None:
     print(f"\nratio city: {RATIO_SCENE['extent']:.0f} m, {rows['single']['views']} views of "
           f"{RATIO_SCENE['width']}x{RATIO_SCENE['height']}, {RATIO_SCENE['num_points']} points, "
           f"{steps} steps; runtime floor (imports only) {floor:.0f} MB")
-    print(f"{'job':>8s} {'views':>6s} {'images MB':>10s} {'anchors':>8s} {'params MB':>10s} "
-          f"{'x4 (grad, Adam)':>16s} {'peak RSS MB':>12s}")
+    print(f"{'job':>8s} {'views':>6s} {'images MB':>10s} {'anchors':>8s} {'share':>6s} "
+          f"{'params MB':>10s} {'x4 (grad, Adam)':>16s} {'peak RSS MB':>12s}")
     for name, r in rows.items():
         rss = f"{r['rss']:12.0f}" if "rss" in r else f"{'(not run)':>12s}"
+        share = r["anchors"] / rows["single"]["anchors"]  # the margin's cost: > 1/4 each
         print(f"{name:>8s} {r['views']:6d} {r['views'] * image_mb:10.0f} {r['anchors']:8d} "
-              f"{r['params_mb']:10.1f} {4 * r['params_mb']:16.0f} {rss}")
+              f"{share:6.2f} {r['params_mb']:10.1f} {4 * r['params_mb']:16.0f} {rss}")
     block_rss = rows[largest]["rss"]
     print(f"\nblock / single peak RSS: {block_rss:.0f} / {single_rss:.0f} MB = "
           f"{block_rss / single_rss:.2f}x; goal <= 0.45x: "
