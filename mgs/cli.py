@@ -376,7 +376,7 @@ def _run_evaluate(args) -> None:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="tables and figures for every evaluated run under a folder "
                                       "(Markdown and self-contained HTML)")
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()  # one of them, unless --scaling alone
     where.add_argument("--results",
                        help="folder searched for run folders (any folder with eval/metrics.json)")
     where.add_argument("--runs", nargs="+", metavar="RUN",
@@ -386,19 +386,25 @@ def _add_report(sub) -> None:
                                           "with mgs, Momentum-GS arXiv 2412.04887v2)")
     p.add_argument("--ablation", help="summary.csv of benchmarks/ablation.py: the multi-seed "
                                       "ablation beside the paper's Table 5")
+    p.add_argument("--scaling", help="scaling.csv of benchmarks/scaling.py: cost per stage as "
+                                     "the city grows, fitted exponents and a log-log figure")
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args) -> None:
     from mgs.report import make_report
 
+    if args.results is None and args.runs is None and args.scaling is None:
+        raise MgsError("mgs report needs --results DIR or --runs RUN ... (or --scaling CSV)")
     # the report folder may sit inside the results folder it scans (results/report): the scan
     # skips it; it must never be, or lie inside, a run or the paper tables
     refuse_overlap(args.out, {"results folder": args.results,
                               "paper tables file": args.paper_tables,
+                              "scaling table": args.scaling,
                               **{f"run folder {run}": run for run in args.runs or []}},
                    "report folder", equal_only=("results folder",))
-    path = make_report(args.results, args.out, args.paper_tables, args.ablation, args.runs)
+    path = make_report(args.results, args.out, args.paper_tables, args.ablation, args.runs,
+                       args.scaling)
     log.info("wrote %s", path)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 from torch import nn
 
 from mgs.render import project
@@ -81,18 +82,20 @@ def voxelize(points: np.ndarray, voxel_size: float) -> np.ndarray:
     return cells * voxel_size
 
 
-def mean_knn_sq_distance(xyz: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
-    """Mean squared distance of each point to its k nearest neighbours (simple-knn's distCUDA2)."""
+def mean_knn_sq_distance(xyz: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Mean squared distance of each point to its k nearest neighbours (simple-knn's distCUDA2).
+
+    A KD-tree: O(N log N) time and O(N) memory, where all-pairs distances of a city's million
+    anchors would need terabytes of work and a 16 GB matrix per chunk."""
     n = xyz.shape[0]
     if n <= 1:
         return torch.full((n,), 1e-4)
     k = min(k, n - 1)
-    out = torch.empty(n)
-    for start in range(0, n, chunk):
-        d = torch.cdist(xyz[start:start + chunk], xyz).pow(2)
-        nearest = d.topk(k + 1, dim=1, largest=False).values[:, 1:]  # drop self
-        out[start:start + chunk] = nearest.mean(1)
-    return out.clamp_min(1e-14)
+    points = xyz.detach().cpu().numpy()
+    # k + 1: the nearest is the point itself (or a duplicate of it, at the same distance 0)
+    distances, _ = cKDTree(points).query(points, k=k + 1)
+    mean_sq = (distances[:, 1:] ** 2).mean(axis=1)
+    return torch.from_numpy(mean_sq.astype(np.float32)).clamp_min(1e-14)
 
 
 def visible_anchor_mask(anchors: Anchors, viewmat: torch.Tensor, K: torch.Tensor,

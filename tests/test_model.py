@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 import torch
 
 from mgs.config import TrainConfig
 from mgs.densify import DensifyState, adjust_anchors
-from mgs.model import Anchors, Decoder, decode_attributes, neural_gaussians, voxelize
+from mgs.model import (Anchors, Decoder, decode_attributes, mean_knn_sq_distance,
+                       neural_gaussians, voxelize)
 
 
 def make_anchors(n=6, feat_dim=4, k=3):
@@ -31,6 +33,38 @@ def test_voxelize_snaps_and_deduplicates():
     out = voxelize(pts, 0.1)
     assert out.shape == (2, 3)
     np.testing.assert_allclose(np.sort(out[:, 0]), [0.0, 1.0])
+
+
+def _knn_all_pairs(xyz: torch.Tensor, k: int = 3, chunk: int = 64) -> torch.Tensor:
+    """The former implementation (all-pairs distances, chunked), kept here as the reference."""
+    n = xyz.shape[0]
+    k = min(k, n - 1)
+    out = torch.empty(n)
+    for start in range(0, n, chunk):
+        d = torch.cdist(xyz[start:start + chunk], xyz).pow(2)
+        out[start:start + chunk] = d.topk(k + 1, dim=1, largest=False).values[:, 1:].mean(1)
+    return out.clamp_min(1e-14)
+
+
+def test_knn_scales_equal_the_all_pairs_result():
+    rng = np.random.default_rng(3)
+    points = rng.uniform(-5.0, 5.0, (500, 3)).astype(np.float32)
+    points[10] = points[11]  # a duplicate: its nearest distance is 0, not its own
+    points[20:25] = points[20] + np.float32(1e-3) * np.arange(5, dtype=np.float32)[:, None]
+    xyz = torch.from_numpy(points)
+    fast = mean_knn_sq_distance(xyz, k=3)
+    assert fast.dtype == torch.float32 and fast.shape == (500,)
+    # float32 all-pairs distances come from |x|² + |y|² − 2x·y: an absolute error of about
+    # eps·|x|² (~1e-5 here), which only the five points 1e-3 apart notice
+    former = _knn_all_pairs(xyz, 3)
+    torch.testing.assert_close(fast, former, rtol=1e-4, atol=1e-5)
+    assert ((fast - former).abs() <= 1e-4 * former).sum() >= 490
+    exact = _knn_all_pairs(xyz.double(), 3).float()  # float64 all-pairs: the true values
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-12)
+    assert fast[10] == pytest.approx(exact[10].item()) and fast[10] < fast[30]
+    two = mean_knn_sq_distance(torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]]), k=3)
+    assert two.tolist() == [25.0, 25.0]  # k clipped to the one neighbour
+    assert mean_knn_sq_distance(torch.zeros(1, 3)).tolist() == [pytest.approx(1e-4)]
 
 
 def test_decoder_outputs_and_selection():

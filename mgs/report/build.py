@@ -26,6 +26,7 @@ import yaml
 from mgs.report import figures
 from mgs.report.extras import run_sections
 from mgs.report.page import write_pages
+from mgs.report.scaling import scaling_sections
 from mgs.atomic import atomic_path, ensure_writable_dir
 from mgs.errors import InputError
 from mgs.momentum import MODES
@@ -310,11 +311,18 @@ FIGURE_CAPTIONS = {
 def make_report(results: str | Path | None, out_dir: str | Path,
                 paper_tables: str | Path | None = None,
                 ablation: str | Path | None = None,
-                run_dirs: list[str | Path] | None = None) -> Path:
+                run_dirs: list[str | Path] | None = None,
+                scaling: str | Path | None = None) -> Path:
     """Write REPORT_DIR/report.md, report.html, figure PNGs and table CSVs; returns the HTML path.
     `run_dirs`: exactly these run folders (what the workflow passes: the scenes it built);
     otherwise every evaluated run found under `results`.
-    `ablation`: a multi-seed summary.csv of benchmarks/ablation.py, shown beside Table 5."""
+    `ablation`: a multi-seed summary.csv of benchmarks/ablation.py, shown beside Table 5.
+    `scaling`: scaling.csv of benchmarks/scaling.py; with neither runs nor `results` the report
+    holds only its sections."""
+    if scaling is not None and results is None and not run_dirs:
+        out = ensure_writable_dir(out_dir)
+        write_pages(out, PAPER, scaling_sections(scaling, out))
+        return out / "report.html"
     if run_dirs:
         run_dirs = [Path(d) for d in run_dirs]
         for folder in run_dirs:
@@ -359,5 +367,7 @@ def make_report(results: str | Path | None, out_dir: str | Path,
                 sections.append((f"{run.id}: {kind.replace('_', ' ')}", FIGURE_CAPTIONS[kind],
                                  "figure", path))
         sections += run_sections(run.id, run.root, out)
+    if scaling is not None:
+        sections += scaling_sections(scaling, out)
     write_pages(out, PAPER, sections)
     return out / "report.html"
