@@ -152,8 +152,8 @@ def _make_run(root, scene, **train):
     (root / "config.yaml").write_text(yaml.safe_dump({"train": {**TRAIN, **train},
                                                       "momentum": MOMENTUM}))
     partition_scene(root / "scene", root / "partition",
-                    PartitionConfig(block_dim=[2, 1, 1], assignment="center", min_cameras=2,
-                                    margin=0.25))
+                    PartitionConfig(block_dim=[2, 1, 1], assignment="projection",
+                                    min_cameras=2, margin=0.25))  # blocks share cameras
     return Run.open(root)
 
 
