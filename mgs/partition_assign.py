@@ -99,7 +99,8 @@ class SsimVisibility:
         try:
             config = state.get("config", {})
             self.anchors = Anchors.from_tensors(state["anchors"]).to(self.device)
-            self.decoder = Decoder(int(config.get("feat_dim", 32)), int(config.get("n_offsets", 10)),
+            self.decoder = Decoder(int(config.get("feat_dim", 32)),
+                                   int(config.get("n_offsets", 10)),
                                    appearance_dim=int(config.get("appearance_dim", 0)))
             self.decoder.load_state_dict(state["decoder"])
             # a coarse model with appearance latents renders every camera with their mean
