@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mgs.appearance import AppearanceImages, average_tables
 from mgs.atomic import write_tsv
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig, yaml_section
@@ -102,7 +103,7 @@ def init_blocks(run: Run) -> int:
                          f"{run.root / 'partition'} has {partition.num_blocks} blocks; "
                          "partition with block_dim [1, 1, 1] or choose another mode")
     torch.manual_seed(config.seed)
-    decoder = Decoder(config.feat_dim, config.n_offsets)
+    decoder = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
     points = scene.points_xyz
     for index, block in enumerate(partition.blocks):
         mask = partition.points_in_region(points, index, partition.margin)
@@ -118,11 +119,16 @@ def init_blocks(run: Run) -> int:
         log.info("block %d: %d anchors, %d train cameras", index, anchors.count, len(cameras))
     teacher = _decoder_state(decoder)
     n = len(partition.blocks)
-    run.save(run.shared_path(0), {
+    shared = {
         "round": 0, "student": _decoder_state(decoder), "teacher": teacher,
         "weights": torch.ones(n, dtype=torch.float64),
         "psnr_ema": torch.full((n,), float("nan"), dtype=torch.float64),
-        "ssim_ema": torch.full((n,), float("nan"), dtype=torch.float64)})
+        "ssim_ema": torch.full((n,), float("nan"), dtype=torch.float64)}
+    if config.appearance_dim:  # zero latents (mgs.appearance), no image held yet
+        images = AppearanceImages.from_scene(scene)
+        shared["appearance"] = torch.zeros(len(images.names), config.appearance_dim)
+        shared["appearance_held"] = torch.zeros(len(images.names), dtype=torch.bool)
+    run.save(run.shared_path(0), shared)
     return n
 
 
@@ -139,11 +145,11 @@ def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_te
     train_views = views[:len(spec.train_cameras)]
     val_views = [by_name[n] for n in spec.validation_cameras if n in trained]
     val_views += [by_name[n] for n in held_out]
-    decoder = Decoder(config.feat_dim, config.n_offsets)
+    decoder = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
     teacher = None
     consistency, weight = 0.0, 1.0
     if use_teacher:
-        teacher = Decoder(config.feat_dim, config.n_offsets)
+        teacher = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
         consistency = momentum.consistency_weight
     if momentum.uses_weighting:
         weight = float(shared["weights"][block])
@@ -151,7 +157,10 @@ def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_te
                       float(block_state["lr_scale"]), device, teacher=teacher,
                       consistency_weight=consistency, loss_weight=weight, stream=block + 1,
                       freeze_decoder=freeze_decoder,
-                      teacher_momentum=momentum.momentum)
+                      teacher_momentum=momentum.momentum,
+                      # the table's rows are the scene's training images: read only when used
+                      appearance=(AppearanceImages.from_scene(run.scene())
+                                  if config.appearance_dim else None))
     if "optimizer" in block_state:
         trainer.load_state(block_state)
     else:  # round 0: fresh optimizer, stats and RNG
@@ -161,6 +170,8 @@ def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_te
     # synced teacher
     if momentum.shares_decoder:
         trainer.decoder.load_state_dict(shared["student"])
+        if trainer.appearance is not None:  # the latents averaged per image at the sync
+            trainer.load_appearance(shared["appearance"])
     if teacher is not None:
         trainer.teacher.load_state_dict(shared["teacher"])
     return trainer, val_views
@@ -209,7 +220,7 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
 
 
 SUMMARY_KEYS = ("round", "block", "step", "decoder", "teacher", "val_psnr", "val_ssim",
-                "val_psnr_start", "loss_sums", "history")
+                "val_psnr_start", "loss_sums", "history", "appearance", "appearance_held")
 
 
 def decoder_summary(result: dict) -> dict:
@@ -251,12 +262,18 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
         teacher = weighted_average([b["teacher"] for b in blocks], weights)
     else:
         teacher = average
-    run.save(run.shared_path(round_index), {
+    shared = {
         "round": round_index, "student": average, "teacher": teacher,
         "weights": torch.tensor(weights, dtype=torch.float64),
         "psnr_ema": torch.tensor(psnr_ema, dtype=torch.float64),
         "ssim_ema": torch.tensor(ssim_ema, dtype=torch.float64),
-        "psnr": torch.tensor([b["val_psnr"] for b in blocks], dtype=torch.float64)})
+        "psnr": torch.tensor([b["val_psnr"] for b in blocks], dtype=torch.float64)}
+    if "appearance" in previous:  # each image's latent averaged over the blocks holding it
+        held = [b["appearance_held"] for b in blocks]
+        shared["appearance"] = average_tables([b["appearance"] for b in blocks], held, weights,
+                                              previous["appearance"])
+        shared["appearance_held"] = previous["appearance_held"] | torch.stack(held).any(0)
+    run.save(run.shared_path(round_index), shared)
     last_psnr = previous.get("psnr", torch.full((n,), float("nan")))
     teacher_gap = state_distance(average, teacher)
     rows = [_sync_row(round_index, b, blocks[b], last_psnr[b], average, teacher_gap, psnr_ema[b],

@@ -18,6 +18,8 @@ import yaml
 from mgs.errors import InputError
 from mgs.validate import check_section
 
+APPEARANCE_RULES = ("nearest", "mean")  # latent of a view without its own (mgs.appearance)
+
 
 @dataclass
 class TrainConfig:
@@ -26,6 +28,8 @@ class TrainConfig:
     n_offsets: int = 10
     voxel_size: float = 0.0001  # anchor snapping grid, scene units; 0 = keep every SfM point
     max_init_anchors: int = 0  # 0 = no limit; else subsample the voxelised points (CPU demos)
+    appearance_dim: int = 0  # per-image latent fed to the colour MLP; 0 = off (official)
+    appearance_eval: str = "nearest"  # test views: nearest train camera's latent | mean latent
     # schedule
     iterations: int = 60_000
     lr_max_steps: int = 30_000  # log-linear decays end here, then hold
@@ -42,6 +46,8 @@ class TrainConfig:
     mlp_cov_lr_final: float = 0.004
     mlp_color_lr_init: float = 0.008
     mlp_color_lr_final: float = 0.00005
+    appearance_lr_init: float = 0.05  # Scaffold-GS's appearance embedding rates
+    appearance_lr_final: float = 0.0005
     # loss
     lambda_dssim: float = 0.2
     scale_reg_weight: float = 0.01
@@ -84,6 +90,9 @@ class TrainConfig:
                 raise InputError(f"{source}: '{key}' must be > 0 (got {getattr(self, key)})")
         if self.backend not in ("auto", "torch", "gsplat"):
             raise InputError(f"{source}: 'backend' must be auto, torch or gsplat (got {self.backend!r})")
+        if self.appearance_eval not in APPEARANCE_RULES:
+            raise InputError(f"{source}: 'appearance_eval' must be {' or '.join(APPEARANCE_RULES)} "
+                             f"(got {self.appearance_eval!r})")
         if len(self.background) != 3:
             raise InputError(f"{source}: 'background' must be 3 numbers (RGB in [0,1])")
 
@@ -93,6 +102,8 @@ class TrainConfig:
     def shape_hash(self) -> str:
         """Hash of the keys that shape a checkpoint (a mismatch means 'not this run')."""
         shaped = {key: getattr(self, key) for key in self.SHAPE_KEYS}
+        if self.appearance_dim:  # only when on: checkpoints without appearance keep their hash
+            shaped["appearance_dim"] = self.appearance_dim
         return hashlib.sha256(json.dumps(shaped, sort_keys=True).encode()).hexdigest()[:16]
 
 

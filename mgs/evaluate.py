@@ -8,6 +8,9 @@ Two passes, as the official render.py → metrics.py:
    the paper's numbers use.
 
 Outputs in `RUN/eval/`: `metrics.json` (protocol and means), `per_view.csv`, the PNGs.
+With appearance latents, each test view takes the latent that `train.appearance_eval` picks
+(`nearest` training camera or the `mean`); metrics.json records the rule and per_view.csv the
+training image used.
 Working from the 8-bit PNGs keeps memory flat for thousands of views and reproduces the official
 quantisation.
 """
@@ -74,8 +77,9 @@ def evaluate_run(run_dir: str | Path, config_path: str | Path | None = None,
     factor = run.train.resolution
     background = torch.tensor(run.train.background, dtype=torch.float32, device=dev)
 
+    rule = run.train.appearance_eval
     views, timing = _render_pass(model, cameras, factor, scene.scene_dir, out, dev, background,
-                                 backend, warmup)
+                                 backend, warmup, rule)
     rows = _metric_pass(views, out, dev, lpips_input)
     frame = pd.DataFrame(rows)
     with atomic_path(out / "per_view.csv") as tmp:
@@ -93,6 +97,7 @@ def evaluate_run(run_dir: str | Path, config_path: str | Path | None = None,
         "backend": used_backend,
         "device": _device_name(dev),
         "anchors": model.anchors.count,
+        "appearance": _appearance_record(model, rule),
         "metrics": {m: float(frame[m].mean()) for m in ALL_METRICS},
         "fps": timing["fps"],
         "render_seconds_mean": timing["seconds_mean"],
@@ -124,7 +129,17 @@ def _model_to(model: MergedModel, device: torch.device) -> MergedModel:
     if device.type == "cpu":
         return model
     return MergedModel(model.anchors.to(device), model.anchor_block.to(device),
-                       [d.to(device) for d in model.decoders])
+                       [d.to(device) for d in model.decoders], model.appearance)
+
+
+def _appearance_record(model: MergedModel, rule: str) -> dict:
+    """What metrics.json says about the test views' appearance latents."""
+    if model.appearance is None:
+        return {"dim": 0, "eval": None}
+    return {"dim": model.decoders[0].appearance_dim, "eval": rule,
+            "note": "test view latent: nearest = the training image with the closest camera "
+                    "centre (per_view.csv appearance_image), mean = the mean of the trained "
+                    "latents"}
 
 
 def _device_name(device: torch.device) -> str:
@@ -176,27 +191,33 @@ class _PeakMemory:
 
 
 @torch.no_grad()
-def _render_pass(model, cameras, factor, cache_dir, out, device, background, backend, warmup):
+def _render_pass(model, cameras, factor, cache_dir, out, device, background, backend, warmup,
+                 rule):
     renders_dir, gt_dir = out / "renders", out / "gt"
     views, seconds = [], []
     scaled = [camera.scaled(factor) for camera in cameras]
+    rows = [None] * len(cameras)  # the training image each view takes its latent from
+    if model.appearance is not None:
+        rows = [model.appearance.choose(torch.as_tensor(camera.center), rule)
+                for camera in cameras]
 
-    def render(cam):
+    def render(cam, row):
         viewmat = torch.tensor(cam.world_to_camera, dtype=torch.float32, device=device)
         K = torch.tensor(cam.K, dtype=torch.float32, device=device)
         return render_model(model, viewmat, K, cam.width, cam.height, background=background,
-                            backend=backend).image
+                            backend=backend, appearance_row=row).image
 
     memory = _PeakMemory(device)
     for _ in range(warmup):  # JIT compilation (numba, gsplat) and caches out of the timing
-        render(scaled[0])
+        render(scaled[0], rows[0])
     _sync(device)
-    for index, (camera, cam) in enumerate(tqdm(list(zip(cameras, scaled)), desc="rendering",
-                                               unit="view", mininterval=2.0)):
+    for index, (camera, cam, row) in enumerate(tqdm(list(zip(cameras, scaled, rows)),
+                                                    desc="rendering", unit="view",
+                                                    mininterval=2.0)):
         # raises, naming the file, on a size mismatch
         gt = load_image(camera, factor, cache_dir, background.tolist())
         t0 = time.perf_counter()
-        image = render(cam)
+        image = render(cam, row)
         _sync(device)
         seconds.append(time.perf_counter() - t0)
         file = f"{index:05d}.png"
@@ -204,6 +225,9 @@ def _render_pass(model, cameras, factor, cache_dir, out, device, background, bac
         _save_png(_to_uint8(gt), gt_dir / file)
         views.append({"index": index, "image": camera.name, "file": file,
                       "width": cam.width, "height": cam.height, "render_seconds": seconds[-1]})
+        if model.appearance is not None:
+            views[-1]["appearance_image"] = (model.appearance.images.names[row]
+                                             if row is not None else "mean")
     peak = memory.megabytes()
     keep = {v["file"] for v in views}
     for folder in (renders_dir, gt_dir):  # renders of an earlier, larger test set would mislead

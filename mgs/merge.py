@@ -3,7 +3,10 @@
 Each block keeps only the anchors inside its own cells (half-open, so every anchor lands in
 exactly one block); the decoder is the last student average (or one decoder per block in the
 `independent` ablation mode). Exports: `anchors.ply` (Scaffold-GS property layout),
-`decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians.
+`decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians. With appearance
+latents, decoder.pt also carries the table (the last sync's per-image average, or one table per
+block when blocks keep their own decoders) with the training cameras' names and centres, and
+splats.ply bakes the mean latent in.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 from plyfile import PlyData, PlyElement
 
+from mgs.appearance import AppearanceImages, choose_row, latent_for
 from mgs.atomic import atomic_path, ensure_writable_dir
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.errors import InputError
@@ -29,10 +33,26 @@ SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant
 
 
 @dataclass
+class ModelAppearance:
+    """The merged model's latents: one table per decoder over the training images."""
+    images: AppearanceImages
+    tables: list[torch.Tensor]  # (n_images, dim) each
+    held: torch.Tensor  # bool over the rows: trained by some block
+
+    def choose(self, center: torch.Tensor, rule: str) -> int | None:
+        """The training image a test view at `center` takes its latent from (None = mean)."""
+        return choose_row(self.images, self.held, center, rule)
+
+    def latents(self, row: int | None) -> list[torch.Tensor]:
+        return [latent_for(table, self.held, row) for table in self.tables]
+
+
+@dataclass
 class MergedModel:
     anchors: Anchors
     anchor_block: torch.Tensor  # (N,) index into `decoders`
     decoders: list[Decoder]
+    appearance: ModelAppearance | None = None
 
     def groups(self):
         """(anchors, decoder) per decoder, for rendering with several decoders."""
@@ -48,7 +68,7 @@ def merge_blocks(run, out_dir: str | Path) -> MergedModel:
     partition = run.partition()
     n = len(partition.blocks)
     parts: dict[str, list[torch.Tensor]] = {"xyz": [], "features": [], "offsets": [], "scaling": []}
-    anchor_block, decoders = [], []
+    anchor_block, decoders, tables = [], [], []
     for b in range(n):
         state = run.load(run.final_path(b))
         tensors = state["anchors"]
@@ -57,12 +77,19 @@ def merge_blocks(run, out_dir: str | Path) -> MergedModel:
             parts[key].append(tensors[key][own])
         anchor_block.append(torch.full((int(own.sum()),), b if not run.momentum.shares_decoder else 0))
         decoders.append(state["decoder"])
+        tables.append(state.get("appearance"))
         log.info("block %d: kept %d of %d anchors inside its cells", b, int(own.sum()), len(own))
+    shared = run.load(run.shared_path(run.momentum.rounds))
     if run.momentum.shares_decoder:
-        decoders = [run.load(run.shared_path(run.momentum.rounds))["student"]]
+        decoders, tables = [shared["student"]], [shared.get("appearance")]
+    appearance = None
+    if run.train.appearance_dim:
+        appearance = ModelAppearance(AppearanceImages.from_scene(run.scene()), tables,
+                                     shared["appearance_held"])
     merged = {key: torch.cat(values) for key, values in parts.items()}
     model = MergedModel(Anchors.from_tensors(merged), torch.cat(anchor_block),
-                        [_decoder_from_state(state, run.train) for state in decoders])
+                        [_decoder_from_state(state, run.train) for state in decoders],
+                        appearance)
     out_dir = ensure_writable_dir(out_dir)
     save_model(model, out_dir / "decoder.pt")
     write_anchor_ply(model.anchors, out_dir / "anchors.ply")
@@ -75,7 +102,7 @@ def merge_blocks(run, out_dir: str | Path) -> MergedModel:
 
 
 def _decoder_from_state(state: dict, config) -> Decoder:
-    decoder = Decoder(config.feat_dim, config.n_offsets)
+    decoder = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
     decoder.load_state_dict(state)
     return decoder.requires_grad_(False)
 
@@ -84,10 +111,15 @@ def save_model(model: MergedModel, path: Path) -> None:
     """decoder.pt: the decoder(s) plus the merged anchors, enough to render the model."""
     first = model.decoders[0]
     feat_dim = first.opacity_mlp[0].in_features - 3
-    save_checkpoint(path, {"feat_dim": feat_dim, "n_offsets": first.n_offsets,
-                           "decoders": [d.state_dict() for d in model.decoders],
-                           "anchors": model.anchors.tensors(),
-                           "anchor_block": model.anchor_block}, config_hash="merged")
+    payload = {"feat_dim": feat_dim, "n_offsets": first.n_offsets,
+               "decoders": [d.state_dict() for d in model.decoders],
+               "anchors": model.anchors.tensors(), "anchor_block": model.anchor_block}
+    if model.appearance is not None:
+        a = model.appearance
+        payload.update(appearance_dim=first.appearance_dim, appearance_tables=a.tables,
+                       appearance_held=a.held, appearance_names=a.images.names,
+                       appearance_centers=a.images.centers)
+    save_checkpoint(path, payload, config_hash="merged")
 
 
 def load_model(path: str | Path) -> MergedModel:
@@ -96,22 +128,39 @@ def load_model(path: str | Path) -> MergedModel:
         raise InputError(f"model file {path} does not exist; run `mgs merge` first")
     data = load_checkpoint(path)
     decoders = []
+    appearance_dim = int(data.get("appearance_dim", 0))
     for state in data["decoders"]:
-        decoder = Decoder(int(data["feat_dim"]), int(data["n_offsets"]))
+        decoder = Decoder(int(data["feat_dim"]), int(data["n_offsets"]),
+                          appearance_dim=appearance_dim)
         decoder.load_state_dict(state)
         decoders.append(decoder.requires_grad_(False))
-    return MergedModel(Anchors.from_tensors(data["anchors"]), data["anchor_block"], decoders)
+    appearance = None
+    if appearance_dim:
+        images = AppearanceImages(list(data["appearance_names"]), data["appearance_centers"])
+        appearance = ModelAppearance(images, list(data["appearance_tables"]),
+                                     data["appearance_held"])
+    return MergedModel(Anchors.from_tensors(data["anchors"]), data["anchor_block"], decoders,
+                       appearance)
 
 
 @torch.no_grad()
-def render_model(model: MergedModel, viewmat, K, width, height, background=None, backend="auto"):
-    """Render the merged model: decode each decoder's anchors for this view, composite once."""
-    parts = [decode(decoder, anchors, viewmat, K, width, height)[0]
-             for anchors, decoder in model.groups()]
+def render_model(model: MergedModel, viewmat, K, width, height, background=None, backend="auto",
+                 appearance_row: int | None = None):
+    """Render the merged model: decode each decoder's anchors for this view, composite once.
+    `appearance_row`: the training image whose latent to use (None = the mean latent)."""
+    latents = _latents(model, appearance_row)
+    parts = [decode(decoder, anchors, viewmat, K, width, height, latent)[0]
+             for (anchors, decoder), latent in zip(model.groups(), latents)]
     cat = {name: torch.cat([getattr(p, name) for p in parts])
            for name in ("means", "quats", "scales", "opacities", "colors")}
     return render(cat["means"], cat["quats"], cat["scales"], cat["opacities"], cat["colors"],
                   viewmat, K, width, height, background=background, backend=backend)
+
+
+def _latents(model: MergedModel, row: int | None) -> list[torch.Tensor | None]:
+    if model.appearance is None:
+        return [None] * len(model.decoders)
+    return [latent.to(model.anchors.xyz.device) for latent in model.appearance.latents(row)]
 
 
 def write_anchor_ply(anchors: Anchors, path: Path) -> None:
@@ -163,9 +212,9 @@ def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor) -> 
     """Decode every anchor once, as seen from `view_center`, and write a 3DGS PLY (colours as
     SH degree 0). Returns the number of Gaussians written."""
     gaussians = []
-    for anchors, decoder in model.groups():
+    for (anchors, decoder), latent in zip(model.groups(), _latents(model, None)):
         everything = torch.ones(anchors.count, dtype=torch.bool)
-        attrs = decode_attributes(decoder, anchors, everything, view_center)
+        attrs = decode_attributes(decoder, anchors, everything, view_center, latent)
         gaussians.append(neural_gaussians(anchors, everything, attrs))
     means = torch.cat([g.means for g in gaussians])
     opacity = torch.cat([g.opacities for g in gaussians]).clamp(1e-6, 1 - 1e-6)

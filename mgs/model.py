@@ -3,6 +3,9 @@
 An anchor holds a fixed position, a feature vector, k learnable offsets and a 6-d log scaling
 (dims 0-2 scale the offsets, dims 3-5 are the base scale of its Gaussians). The decoder turns
 [feature, view direction] into k neural Gaussians per anchor (ALGORITHM.md §2.1-2.2).
+With `appearance_dim` > 0 the colour MLP also reads a per-image appearance latent (Scaffold-GS's
+appearance embedding; off in the official Momentum-GS code): the latent is an input, like the
+anchor feature, so the teacher decoder reads the same latent as the student.
 """
 
 from __future__ import annotations
@@ -20,21 +23,31 @@ INIT_OPACITY = 0.1
 
 
 class Decoder(nn.Module):
-    """Three two-layer MLPs (35 -> 32 -> out) shared by every block: opacity, covariance, colour."""
+    """Three two-layer MLPs (35 -> 32 -> out) shared by every block: opacity, covariance, colour.
+    The colour MLP's input grows by `appearance_dim` (the per-image latent) when that is > 0."""
 
-    def __init__(self, feat_dim: int = 32, n_offsets: int = 10, hidden: int = 32):
+    def __init__(self, feat_dim: int = 32, n_offsets: int = 10, hidden: int = 32,
+                 appearance_dim: int = 0):
         super().__init__()
         in_dim = feat_dim + 3
         self.n_offsets = n_offsets
+        self.appearance_dim = appearance_dim
         self.opacity_mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, n_offsets), nn.Tanh())
         self.cov_mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
                                      nn.Linear(hidden, 7 * n_offsets))
-        self.color_mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
+        self.color_mlp = nn.Sequential(nn.Linear(in_dim + appearance_dim, hidden), nn.ReLU(),
                                        nn.Linear(hidden, 3 * n_offsets), nn.Sigmoid())
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.opacity_mlp(z), self.cov_mlp(z), self.color_mlp(z)
+    def forward(self, z: torch.Tensor, latent: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`latent`: the image's appearance vector (appearance_dim,), required when that is > 0."""
+        color_in = z
+        if self.appearance_dim:
+            if latent is None:
+                raise ValueError("this decoder has an appearance input: pass the image's latent")
+            color_in = torch.cat([z, latent.reshape(1, -1).expand(z.shape[0], -1)], dim=1)
+        return self.opacity_mlp(z), self.cov_mlp(z), self.color_mlp(color_in)
 
 
 class Anchors(nn.Module):
@@ -119,14 +132,16 @@ class DecodedAttributes:
 
 
 def decode_attributes(decoder: Decoder, anchors: Anchors, visible: torch.Tensor,
-                      camera_center: torch.Tensor) -> DecodedAttributes:
-    """Apply the decoder to the visible anchors' [feature, unit view direction] inputs."""
+                      camera_center: torch.Tensor, latent: torch.Tensor | None = None
+                      ) -> DecodedAttributes:
+    """Apply the decoder to the visible anchors' [feature, unit view direction] inputs (and the
+    image's appearance `latent` for the colour MLP when the decoder has one)."""
     k = decoder.n_offsets
     xyz = anchors.xyz[visible]
     view_dir = xyz - camera_center
     view_dir = view_dir / view_dir.norm(dim=1, keepdim=True).clamp_min(1e-12)
     z = torch.cat([anchors.features[visible], view_dir], dim=1)
-    opacity, cov, color = decoder(z)
+    opacity, cov, color = decoder(z, latent)
     base_scale = torch.exp(anchors.scaling[visible, 3:]).repeat_interleave(k, dim=0)
     cov = cov.reshape(-1, 7)
     return DecodedAttributes(
@@ -160,11 +175,12 @@ def neural_gaussians(anchors: Anchors, visible: torch.Tensor,
 
 
 def decode(decoder: Decoder, anchors: Anchors, viewmat: torch.Tensor, K: torch.Tensor,
-           width: int, height: int) -> tuple[NeuralGaussians, DecodedAttributes]:
+           width: int, height: int, latent: torch.Tensor | None = None
+           ) -> tuple[NeuralGaussians, DecodedAttributes]:
     """Frustum-cull the anchors, decode them for this view and select the rendered Gaussians."""
     visible = visible_anchor_mask(anchors, viewmat, K, width, height)
     center = camera_center(viewmat)
-    attrs = decode_attributes(decoder, anchors, visible, center)
+    attrs = decode_attributes(decoder, anchors, visible, center, latent)
     return neural_gaussians(anchors, visible, attrs), attrs
 
 

@@ -99,8 +99,13 @@ class SsimVisibility:
         try:
             config = state.get("config", {})
             self.anchors = Anchors.from_tensors(state["anchors"]).to(self.device)
-            self.decoder = Decoder(int(config.get("feat_dim", 32)), int(config.get("n_offsets", 10)))
+            self.decoder = Decoder(int(config.get("feat_dim", 32)),
+                                   int(config.get("n_offsets", 10)),
+                                   appearance_dim=int(config.get("appearance_dim", 0)))
             self.decoder.load_state_dict(state["decoder"])
+            # a coarse model with appearance latents renders every camera with their mean
+            self.latent = (state["appearance"].mean(0).to(self.device)
+                           if self.decoder.appearance_dim else None)
         except (KeyError, RuntimeError, AttributeError) as exc:
             raise InputError(f"coarse checkpoint {checkpoint} is not a model checkpoint with "
                              f"anchors and a decoder ({exc!r}); pass the checkpoint.pt of a "
@@ -139,7 +144,8 @@ class SsimVisibility:
             cam = camera.scaled(factor)
             viewmat = torch.tensor(cam.world_to_camera, dtype=torch.float32, device=self.device)
             K = torch.tensor(cam.K, dtype=torch.float32, device=self.device)
-            gaussians, _ = decode(self.decoder, self.anchors, viewmat, K, cam.width, cam.height)
+            gaussians, _ = decode(self.decoder, self.anchors, viewmat, K, cam.width, cam.height,
+                                  self.latent)
             # anchor of each rendered Gaussian: visible anchors repeated k times, then selected
             anchor = torch.nonzero(gaussians.visible).flatten()
             anchor = anchor.repeat_interleave(self.decoder.n_offsets)[gaussians.selected]

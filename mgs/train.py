@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mgs.appearance import AppearanceImages, choose_row, latent_for
 from mgs.atomic import ensure_writable_dir, json_text, write_text, write_tsv
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig
@@ -108,10 +109,12 @@ class Trainer:
                  train_views: list[View], lr_scale: float, device: torch.device,
                  teacher: Decoder | None = None, consistency_weight: float = 0.0,
                  loss_weight: float = 1.0, stream: int = 0, freeze_decoder: bool = False,
-                 teacher_momentum: float = 0.9):
+                 teacher_momentum: float = 0.9, appearance: AppearanceImages | None = None):
         """`stream` separates the random streams of blocks trained from one seed;
-        `freeze_decoder` trains the anchors only (the finalize phase); `teacher_momentum` m
-        blends the teacher toward the student before every step."""
+        `freeze_decoder` trains the anchors only (the finalize phase, latents frozen too);
+        `teacher_momentum` m blends the teacher toward the student before every step;
+        `appearance`: the rows of the latent table (the scene's training images), required
+        when config.appearance_dim > 0."""
         self.config = config
         self.stream = stream
         self.freeze_decoder = freeze_decoder
@@ -127,6 +130,18 @@ class Trainer:
         self.lr_scale = lr_scale
         self.background = torch.tensor(config.background, dtype=torch.float32, device=device)
         self.densify = DensifyState(anchors.count, config.n_offsets, device)
+        self.appearance_images = appearance
+        self.appearance = None  # nn.Embedding over the training images when appearance_dim > 0
+        if config.appearance_dim:
+            if appearance is None:
+                raise ValueError("appearance_dim > 0 needs the training images' table rows")
+            self.appearance = torch.nn.Embedding(len(appearance.names), config.appearance_dim,
+                                                 device=device)
+            torch.nn.init.zeros_(self.appearance.weight)
+            self.appearance.requires_grad_(not freeze_decoder)
+            self.appearance_rows = appearance.rows()
+            # the rows this trainer learns; sync averages each image over the blocks holding it
+            self.appearance_held = appearance.mask(view.name for view in train_views)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + stream)
         self.step = 0
         self.optimizer = self._make_optimizer()
@@ -140,6 +155,8 @@ class Trainer:
             {"params": list(self.decoder.cov_mlp.parameters()), "name": "mlp_cov"},
             {"params": list(self.decoder.color_mlp.parameters()), "name": "mlp_color"},
         ]
+        if self.appearance is not None:  # no group when off: optimizer state as without it
+            groups.append({"params": [self.appearance.weight], "name": "appearance"})
         optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
         self._set_learning_rates(optimizer, 0)
         return optimizer
@@ -154,9 +171,11 @@ class Trainer:
             "mlp_opacity": expon_lr(step, c.mlp_opacity_lr_init, c.mlp_opacity_lr_final, c.lr_max_steps),
             "mlp_cov": expon_lr(step, c.mlp_cov_lr_init, c.mlp_cov_lr_final, c.lr_max_steps),
             "mlp_color": expon_lr(step, c.mlp_color_lr_init, c.mlp_color_lr_final, c.lr_max_steps),
+            "appearance": expon_lr(step, c.appearance_lr_init, c.appearance_lr_final,
+                                   c.lr_max_steps),
         }
         if self.freeze_decoder:
-            rates.update(mlp_opacity=0.0, mlp_cov=0.0, mlp_color=0.0)
+            rates.update(mlp_opacity=0.0, mlp_cov=0.0, mlp_color=0.0, appearance=0.0)
         for group in optimizer.param_groups:
             group["lr"] = rates[group["name"]]
 
@@ -169,9 +188,22 @@ class Trainer:
             (self.config.seed * 1_000_003 + self.stream) * 1_000_003 + epoch))
         return self.train_views[int(order[index])]
 
-    def render_view(self, view: View):
+    def latent(self, view: View) -> torch.Tensor | None:
+        """The view's appearance latent: its own row for a training image, else the row chosen
+        by config.appearance_eval (nearest training camera, or the mean)."""
+        if self.appearance is None:
+            return None
+        row = self.appearance_rows.get(view.name)
+        if row is None:
+            row = choose_row(self.appearance_images, self.appearance_held,
+                             camera_center(view.viewmat), self.config.appearance_eval)
+        return latent_for(self.appearance.weight, self.appearance_held, row)
+
+    def render_view(self, view: View, latent: torch.Tensor | None = None):
+        if latent is None:
+            latent = self.latent(view)
         gaussians, attrs = decode(self.decoder, self.anchors, view.viewmat, view.K,
-                                  view.width, view.height)
+                                  view.width, view.height, latent)
         out = render(gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities,
                      gaussians.colors, view.viewmat, view.K, view.width, view.height,
                      background=self.background, backend=self.config.backend)
@@ -184,7 +216,8 @@ class Trainer:
         view = self.view_for_step(self.step)
         if self.teacher is not None:
             ema_update_(self.teacher, self.decoder, self.teacher_momentum)
-        out, gaussians, attrs = self.render_view(view)
+        latent = self.latent(view)
+        out, gaussians, attrs = self.render_view(view, latent)
         target = view.image
         l1 = (out.image - target).abs().mean()
         ssim_value = ssim(out.image, target)
@@ -194,7 +227,7 @@ class Trainer:
         cons = torch.zeros((), device=self.device)
         if self.teacher is not None and self.consistency_weight > 0:
             teacher_attrs = decode_attributes(self.teacher, self.anchors, gaussians.visible,
-                                              camera_center(view.viewmat))
+                                              camera_center(view.viewmat), latent)
             cons = consistency_loss(attrs, teacher_attrs, gaussians.selected)
             loss = loss + self.consistency_weight * cons
         loss = self.loss_weight * loss
@@ -245,12 +278,17 @@ class Trainer:
         }
         if self.teacher is not None:
             state["teacher"] = _module_state(self.teacher)
+        if self.appearance is not None:
+            state["appearance"] = self.appearance.weight.detach().cpu().clone()
+            state["appearance_held"] = self.appearance_held.clone()
         return state
 
     def load_state(self, state: dict) -> None:
         self.step = int(state["step"])
         self.anchors = Anchors.from_tensors(state["anchors"]).to(self.device)
         self.decoder.load_state_dict(state["decoder"])
+        if self.appearance is not None:
+            self.load_appearance(state["appearance"])
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.densify = DensifyState.from_tensors(state["densify"], self.config.n_offsets, self.device)
@@ -260,6 +298,11 @@ class Trainer:
         self.loss_sums = dict(state.get("loss_sums", new_loss_sums()))
         if self.teacher is not None and "teacher" in state:
             self.teacher.load_state_dict(state["teacher"])
+
+
+    def load_appearance(self, table: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.appearance.weight.copy_(table.to(self.device))
 
 
 def new_loss_sums() -> dict:
@@ -306,8 +349,10 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
 
     torch.manual_seed(config.seed)
     anchors = initial_anchors(scene, config)
-    trainer = Trainer(anchors, Decoder(config.feat_dim, config.n_offsets), config, train_views,
-                      spatial_lr_scale(scene.train_cameras()), device)
+    decoder = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
+    trainer = Trainer(anchors, decoder, config, train_views,
+                      spatial_lr_scale(scene.train_cameras()), device,
+                      appearance=AppearanceImages.from_scene(scene))
     history: list[dict] = []
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume and checkpoint_path.exists():
