@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pycolmap
+from mgs.pycolmap_import import pycolmap
 from PIL import Image
 from tqdm import tqdm
 

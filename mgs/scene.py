@@ -139,7 +139,7 @@ def _model_file(model_dir: Path, stem: str) -> Path:
 
 def _pycolmap():
     """pycolmap, imported on first use: jobs that only train never load it."""
-    import pycolmap
+    from mgs.pycolmap_import import pycolmap
 
     pycolmap.logging.minloglevel = 2
     return pycolmap

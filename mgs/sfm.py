@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pycolmap
+from mgs.pycolmap_import import pycolmap
 from PIL import Image
 from tqdm import tqdm
 

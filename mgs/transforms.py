@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pycolmap
+from mgs.pycolmap_import import pycolmap
 from PIL import Image
 from plyfile import PlyData
 

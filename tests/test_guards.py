@@ -142,3 +142,18 @@ def test_sigterm_stops_training_at_the_next_step_with_a_checkpoint(tiny_scene, t
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] >= 1
     assert stopped_after < 60
+
+
+def test_importing_pycolmap_keeps_the_sigterm_handler():
+    """COLMAP's glog takes SIGTERM at import; mgs imports it through mgs.pycolmap_import, which
+    puts the command's handler back (a bare `import pycolmap` here dies with a stack dump)."""
+    code = ("import os, signal, time\n"
+            "hit = []\n"
+            "signal.signal(signal.SIGTERM, lambda s, f: hit.append(s))\n"
+            "from mgs.pycolmap_import import pycolmap\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(0.2)\n"
+            "print('handled' if hit else 'missed')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "handled", result.stderr[-1000:]
