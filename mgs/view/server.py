@@ -249,7 +249,13 @@ class Viewer:
         deadline = time.monotonic() + 10
         while self._pending and time.monotonic() < deadline:  # a frame in flight is dropped
             time.sleep(0.05)
-        self.server.stop()
+        # viser's stop joins its event loop; on a busy machine that can stall, and Ctrl-C must
+        # still end the command: stop in a daemon thread and give up waiting after 10 s
+        stopper = threading.Thread(target=self.server.stop, daemon=True, name="mgs-view-stop")
+        stopper.start()
+        stopper.join(timeout=10)
+        if stopper.is_alive():
+            log.warning("the web server did not stop within 10 s; exiting without it")
 
 
 def render_shape(longer_side: int, aspect: float) -> tuple[int, int]:
