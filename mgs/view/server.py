@@ -11,6 +11,7 @@ move: no GPU is needed in the browser beyond drawing one textured quad.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -216,6 +217,10 @@ class Viewer:
 
     def serve(self) -> None:
         log.info("viewer of %s at %s (Ctrl-C stops it)", self.view.root, self.url)
+        if threading.current_thread() is threading.main_thread():
+            # started in the background by a shell (`&`, nohup), a process inherits SIGINT
+            # ignored and Python leaves it so: Ctrl-C / kill -INT must still stop the viewer
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 time.sleep(0.5)
