@@ -94,12 +94,14 @@ def _click(page, label: str) -> None:
 
 @pytest.mark.slow
 @needs_chromium
-def test_viewer_page_shows_the_render_toggles_blocks_and_stops_on_ctrl_c(viewed_run):
+def test_viewer_page_shows_the_render_toggles_blocks_and_stops_on_ctrl_c(viewed_run, tmp_path):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the server's log goes to a file: an unread pipe fills up and blocks the server
+    log_file = (tmp_path / "view.log").open("w+")
     server = subprocess.Popen([sys.executable, "-m", "mgs.cli", "view", str(viewed_run),
                                "--port", str(port), "--render-size", "200"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=log_file, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 120
@@ -108,7 +110,7 @@ def test_viewer_page_shows_the_render_toggles_blocks_and_stops_on_ctrl_c(viewed_
                 urllib.request.urlopen(url, timeout=2).close()
                 break
             except OSError:
-                assert server.poll() is None, server.communicate()[0]
+                assert server.poll() is None, (tmp_path / "view.log").read_text()
                 assert time.monotonic() < deadline, "the viewer did not start within 120 s"
                 time.sleep(0.5)
         with HeadlessPage(*PAGE, timeout=60) as page:
@@ -132,7 +134,8 @@ def test_viewer_page_shows_the_render_toggles_blocks_and_stops_on_ctrl_c(viewed_
             assert empty.mean() < 5 < full.mean()
         server.send_signal(signal.SIGINT)
         start = time.monotonic()
-        output = server.communicate(timeout=60)[0]
+        server.wait(timeout=60)
+        output = (tmp_path / "view.log").read_text()
         assert server.returncode == 0, output
         assert time.monotonic() - start < 15
         assert "Traceback" not in output and "server closed" in output
@@ -140,6 +143,7 @@ def test_viewer_page_shows_the_render_toggles_blocks_and_stops_on_ctrl_c(viewed_
         if server.poll() is None:
             server.kill()
             server.wait()
+        log_file.close()
 
 
 @pytest.mark.slow
