@@ -22,21 +22,11 @@ from mgs.partition import PartitionConfig, partition_scene
 from mgs.scene import load_scene
 from mgs.synthetic import SyntheticConfig, make_synthetic_scene
 from mgs.train import CHECKPOINT_NAME, train_scene
+from test_train import _flat_tensors
 
 SMALL = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=5, update_from=5,
              update_interval=10, update_until=30, eval_interval=20, checkpoint_interval=20,
              threads=2)
-
-
-def _flat_tensors(state, prefix=""):
-    if isinstance(state, torch.Tensor):
-        yield prefix, state
-    elif isinstance(state, dict):
-        for key, value in state.items():
-            yield from _flat_tensors(value, f"{prefix}/{key}")
-    elif isinstance(state, (list, tuple)):
-        for i, value in enumerate(state):
-            yield from _flat_tensors(value, f"{prefix}/{i}")
 
 
 def test_colour_depends_on_the_latent_only_when_the_decoder_has_one():
