@@ -83,7 +83,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> None:
     from mgs.config import TrainConfig
-    from mgs.train import train_scene
+    from mgs.training_loop import train_scene
 
     values = yaml_section(args.config, "train") if args.config else {}
     values = check_config(TrainConfig, values, "train", args.config or "command line")
