@@ -113,7 +113,7 @@ def _add_sfm(sub) -> None:
 
 
 def _run_sfm(args) -> None:
-    from mgs.sfm import SfmConfig, run_sfm
+    from mgs.ingest.sfm import SfmConfig, run_sfm
 
     values = yaml_section(args.config, "sfm") if args.config else {}
     values = check_config(SfmConfig, values, "sfm", args.config or "command line")
@@ -147,7 +147,7 @@ def _flat_config(settings: dict, source: str) -> dict:
     from mgs.config import TrainConfig
     from mgs.momentum import MomentumConfig
     from mgs.partition import PartitionConfig
-    from mgs.sfm import SfmConfig
+    from mgs.ingest.sfm import SfmConfig
     from mgs.synthetic import SyntheticConfig
 
     from mgs.validate import SECTIONS, check_section
@@ -233,7 +233,7 @@ def _add_ingest(sub) -> None:
 
 
 def _run_ingest(args) -> None:
-    from mgs.datasets import ingest
+    from mgs.ingest.datasets import ingest
 
     scene = ingest(args.dataset, args.src, args.out, factor=args.factor, width=args.width,
                    up=args.up)

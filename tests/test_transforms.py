@@ -15,7 +15,7 @@ from plyfile import PlyData, PlyElement
 
 from mgs.cli import main
 from mgs.config import TrainConfig
-from mgs.datasets import ingest
+from mgs.ingest.datasets import ingest
 from mgs.errors import InputError
 from mgs.scene import load_scene
 from mgs.synthetic import SyntheticConfig, build_city, make_synthetic_scene
