@@ -184,7 +184,8 @@ def train_steps(scene_dir: str, method: str, steps: int) -> dict:
     from mgs.config import TrainConfig
     from mgs.model import Decoder
     from mgs.scene import load_scene
-    from mgs.train import Trainer, initial_anchors, load_views, spatial_lr_scale
+    from mgs.train import Trainer, load_views, spatial_lr_scale
+    from mgs.training_loop import initial_anchors
 
     backend = use_kernel_of(method)
     scene = load_scene(scene_dir)

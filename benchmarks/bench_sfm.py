@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mgs.sfm import REPORT_JSON, SfmConfig, run_sfm
+from mgs.ingest.sfm import REPORT_JSON, SfmConfig, run_sfm
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "caliterra" / "images"

@@ -369,7 +369,7 @@ def ratio(opts) -> None:
         rows[f"block {b}"] = dict(views=views, anchors=int(state["anchors"]["xyz"].shape[0]),
                                   params_mb=tensor_mb(state["anchors"]))
     largest = max(rows, key=lambda k: rows[k]["views"] * image_mb + 4 * rows[k]["params_mb"])
-    floor = run_job_python("import torch, numba, mgs.blocks, mgs.train, mgs.render.fused",
+    floor = run_job_python("import torch, numba, mgs.blocks, mgs.training_loop, mgs.render.fused",
                            logs / "floor.log")
     print(f"training {largest} and the whole scene, {steps} steps each", flush=True)
     _, _, rows[largest]["rss"] = run_job(

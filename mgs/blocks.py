@@ -30,7 +30,9 @@ from mgs.momentum import (MomentumConfig, block_weights, state_distance, update_
                           weighted_average)
 from mgs.partition import load_partition
 from mgs.scene import load_scene
-from mgs.train import Trainer, new_loss_sums, resolve_device, run_training, spatial_lr_scale
+from mgs.device import resolve_device
+from mgs.train import Trainer, new_loss_sums, spatial_lr_scale
+from mgs.training_loop import run_training
 from mgs.view_cache import block_views
 
 log = logging.getLogger("mgs.blocks")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_T
 from mgs.atomic import json_text, refuse_overlap
 from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, run_inputs
 from mgs.config import check_config, yaml_section
+from mgs.configure import add_parser as add_configure
 from mgs.errors import MgsError
 from mgs.export import add_parser as add_export
 from mgs.preflight import add_parser as add_preflight
@@ -63,7 +63,8 @@ def _run_synth(args) -> None:
 
     values = yaml_section(args.config, "synthetic") if args.config else {}
     values = check_config(SyntheticConfig, values, "synthetic", args.config or "command line")
-    apply_overrides(values, args, [f.name for f in dataclasses.fields(SyntheticConfig)], "synthetic")
+    apply_overrides(values, args, [f.name for f in dataclasses.fields(SyntheticConfig)],
+                    "synthetic")
     scene = make_synthetic_scene(args.out, SyntheticConfig(**values))
     log.info("wrote %s: %d views (%d test), %d points", args.out, len(scene.cameras),
              len(scene.test_names), len(scene.points_xyz))
@@ -72,7 +73,8 @@ def _run_synth(args) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one model on a whole scene (single block)")
     p.add_argument("--scene", required=True, help="scene folder (scene.json, sparse/0, images)")
-    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, history.tsv, summary.json)")
+    p.add_argument("--out", required=True,
+                   help="output folder (checkpoint.pt, history.tsv, summary.json)")
     p.add_argument("--config", help="YAML file; keys under 'train:' override the paper defaults")
     p.add_argument("--iterations", type=int, help="override the number of training steps")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -83,7 +85,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> None:
     from mgs.config import TrainConfig
-    from mgs.train import train_scene
+    from mgs.training_loop import train_scene
 
     values = yaml_section(args.config, "train") if args.config else {}
     values = check_config(TrainConfig, values, "train", args.config or "command line")
@@ -113,7 +115,7 @@ def _add_sfm(sub) -> None:
 
 
 def _run_sfm(args) -> None:
-    from mgs.sfm import SfmConfig, run_sfm
+    from mgs.ingest.sfm import SfmConfig, run_sfm
 
     values = yaml_section(args.config, "sfm") if args.config else {}
     values = check_config(SfmConfig, values, "sfm", args.config or "command line")
@@ -123,94 +125,6 @@ def _run_sfm(args) -> None:
     scene = run_sfm(args.image_dir, args.out, config)
     log.info("wrote %s: %d cameras (%d test), %d points", args.out, len(scene.cameras),
              len(scene.test_names), len(scene.points_xyz))
-
-
-def _add_configure(sub) -> None:
-    p = sub.add_parser("configure", help="write a run folder's flat config.yaml (sections scene, "
-                                         "synthetic, sfm, partition, train, momentum, paper) "
-                                         "from one scene of the workflow config")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--settings", help="the scene's settings as JSON (what the workflow passes)")
-    source.add_argument("--config", help="workflow config file (scenes: NAME: ...), with --scene")
-    p.add_argument("--scene", help="scene name (required with --config)")
-    p.add_argument("--out", required=True, help="file to write, e.g. results/NAME/config.yaml; "
-                                                "left untouched when its content would not change")
-    p.set_defaults(func=_run_configure)
-
-
-# scene-level keys of the workflow config (workflow/schemas/config.schema.yaml)
-SCENE_KEYS = ("name", "source", "path", "resolution", "up", "coarse_iterations")
-
-
-def _flat_config(settings: dict, source: str) -> dict:
-    """Every section merged over the dataclass defaults and checked like the verbs check it."""
-    from mgs.config import TrainConfig
-    from mgs.momentum import MomentumConfig
-    from mgs.partition import PartitionConfig
-    from mgs.sfm import SfmConfig
-    from mgs.synthetic import SyntheticConfig
-
-    from mgs.validate import SECTIONS, check_section
-
-    settings = dict(settings)
-    sections = {name: settings.pop(name, None) or {} for name in SECTIONS}
-    paper = settings.pop("paper", None)
-    unknown = sorted(set(settings) - set(SCENE_KEYS))
-    if unknown:
-        raise MgsError(f"{source}: unknown scene key(s) {', '.join(unknown)}; known: "
-                       f"{', '.join(SCENE_KEYS)}, synthetic, sfm, partition, train, momentum, paper")
-    settings.update(check_section(settings, "scene", source))
-    for name, cls in (("synthetic", SyntheticConfig), ("sfm", SfmConfig)):
-        config = cls(**check_config(cls, sections[name], name, source))
-        config.validate()
-        sections[name] = dataclasses.asdict(config)
-    partition = PartitionConfig.from_dict(sections["partition"], source=source)
-    sections["partition"] = dataclasses.asdict(partition)
-    sections["train"] = TrainConfig.from_dict(sections["train"], source=source).to_dict()
-    sections["momentum"] = dataclasses.asdict(MomentumConfig.from_dict(sections["momentum"],
-                                                                       source=source))
-    return {"scene": settings, **sections, "paper": paper}
-
-
-def _run_configure(args) -> None:
-    import yaml
-
-    from mgs.atomic import write_text
-
-    if args.settings is not None:
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as exc:
-            raise MgsError(f"--settings is not valid JSON: {exc}") from exc
-        source = "--settings"
-    else:
-        if not args.scene:
-            raise MgsError("--config needs --scene NAME (a key under scenes:)")
-        scenes = yaml_section(args.config, "scenes")
-        if not isinstance(scenes.get(args.scene), dict):
-            raise MgsError(f"{args.config}: no scene {args.scene!r} under scenes: "
-                           f"(found: {', '.join(sorted(scenes)) or 'none'})")
-        settings = dict(scenes[args.scene], name=args.scene)
-        source = f"{args.config} (scene {args.scene})"
-    if not isinstance(settings, dict):
-        raise MgsError(f"{source}: the scene settings must be a mapping")
-    flat = _flat_config(settings, source)
-
-    class Dumper(yaml.SafeDumper):  # block mappings, one-line lists ([2, 2, 1])
-        pass
-
-    Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
-        "tag:yaml.org,2002:seq", value, flow_style=True))
-    text = ("# Written by `mgs configure` from the workflow config; edit that instead.\n"
-            + yaml.dump(flat, Dumper=Dumper, sort_keys=False, default_flow_style=False))
-    out = Path(args.out)
-    if args.config is not None:
-        refuse_overlap(out, {"workflow config": args.config}, "output file")
-    if out.is_file() and out.read_text() == text:
-        log.info("%s is up to date", out)
-        return
-    write_text(out, text)
-    log.info("wrote %s", out)
 
 
 def _add_ingest(sub) -> None:
@@ -233,7 +147,7 @@ def _add_ingest(sub) -> None:
 
 
 def _run_ingest(args) -> None:
-    from mgs.datasets import ingest
+    from mgs.ingest.datasets import ingest
 
     scene = ingest(args.dataset, args.src, args.out, factor=args.factor, width=args.width,
                    up=args.up)
@@ -347,17 +261,20 @@ def _run_partition(args) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="render the merged model's test views; PSNR, SSIM, LPIPS "
                                         "(raw and colour-corrected), FPS, peak memory")
-    p.add_argument("--run", required=True, help="run folder (scene/, model/decoder.pt, config.yaml)")
+    p.add_argument("--run", required=True,
+                   help="run folder (scene/, model/decoder.pt, config.yaml)")
     p.add_argument("--config", help="YAML with train: and momentum: sections "
                                      "(default RUN/config.yaml)")
     p.add_argument("--out", help="output folder (default RUN/eval)")
     p.add_argument("--backend", help="auto | torch | gsplat (default: the config's train.backend)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
+    p.add_argument("--device",
+                   help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
     p.add_argument("--lpips-input", choices=("[0,1]", "[-1,1]"), default="[0,1]",
                    help="range of the images fed to LPIPS: [0,1] as the official Momentum-GS "
                         "metrics (default, comparable with the paper) or [-1,1] as the lpips "
                         "package documents")
-    p.add_argument("--warmup", type=count_arg, default=3, help="untimed renders before timing (default 3)")
+    p.add_argument("--warmup", type=count_arg, default=3,
+                   help="untimed renders before timing (default 3)")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -414,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of errors (also MGS_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    _add_configure(sub)
+    add_configure(sub)
     _add_synth(sub)
     _add_train(sub)
     _add_sfm(sub)

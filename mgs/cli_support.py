@@ -60,9 +60,9 @@ def run_inputs(root: Path, config: str | None) -> dict:
 def _on_sigterm(signum, frame) -> None:
     """SIGTERM (scancel, job limits): a training loop stops after its step with a checkpoint;
     anything else stops at once, like Ctrl-C."""
-    train = sys.modules.get("mgs.train")
-    if train is not None and train.StopSignal.active and not train.StopSignal.requested:
-        train.StopSignal.requested = True
+    loop = sys.modules.get("mgs.training_loop")
+    if loop is not None and loop.StopSignal.active and not loop.StopSignal.requested:
+        loop.StopSignal.requested = True
         return
     raise KeyboardInterrupt
 
@@ -88,8 +88,8 @@ def _remove_empty(folder: Path) -> None:
 
 def run_command(args, debug: bool) -> int:
     """Run the verb; every failure becomes one message and an exit status."""
-    if "mgs.train" in sys.modules:
-        sys.modules["mgs.train"].StopSignal.requested = False
+    if "mgs.training_loop" in sys.modules:
+        sys.modules["mgs.training_loop"].StopSignal.requested = False
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     fresh, code = _new_folders(args), 1

@@ -21,7 +21,7 @@ from mgs.model import Decoder
 from mgs.partition import PartitionConfig, partition_scene
 from mgs.scene import load_scene
 from mgs.synthetic import SyntheticConfig, make_synthetic_scene
-from mgs.train import CHECKPOINT_NAME, train_scene
+from mgs.training_loop import CHECKPOINT_NAME, train_scene
 from test_train import _flat_tensors
 
 SMALL = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=5, update_from=5,

@@ -19,7 +19,8 @@ from mgs.render import render
 from mgs.render.gsplat_backend import gsplat_problem
 from mgs.render.reference import random_scene
 from mgs.scene import load_scene
-from mgs.train import CHECKPOINT_NAME, Trainer, initial_anchors, load_views, spatial_lr_scale, train_scene
+from mgs.train import Trainer, load_views, spatial_lr_scale
+from mgs.training_loop import CHECKPOINT_NAME, initial_anchors, train_scene
 
 pytestmark = pytest.mark.cuda
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mgs.cli import main
-from mgs.datasets import ingest, opengl_to_colmap
+from mgs.ingest.datasets import ingest, opengl_to_colmap
 from mgs.errors import InputError, MgsError
 from mgs.scene import Camera, load_scene, write_colmap
 from mgs.synthetic import look_at_pose

@@ -20,8 +20,8 @@ from mgs.config import TrainConfig
 from mgs.errors import TrainingError
 from mgs.model import Decoder
 from mgs.scene import load_scene, write_colmap
-from mgs.train import (Trainer, check_finite_parameters, initial_anchors, load_views,
-                       run_training, spatial_lr_scale)
+from mgs.train import Trainer, load_views, spatial_lr_scale
+from mgs.training_loop import check_finite_parameters, initial_anchors, run_training
 
 
 @pytest.fixture()

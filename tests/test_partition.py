@@ -222,7 +222,7 @@ def test_config_from_yaml_and_cli(tiny_scene, tmp_path):
 
 
 def test_ssim_assignment_extends_the_centre_assignment(tiny_scene, tmp_path):
-    from mgs.train import CHECKPOINT_NAME, train_scene
+    from mgs.training_loop import CHECKPOINT_NAME, train_scene
 
     # a barely trained coarse model still renders each cell's anchors somewhere
     small = dict(iterations=8, lr_max_steps=8, voxel_size=0.05, start_stat=100, update_from=100,

@@ -14,8 +14,8 @@ import pytest
 from mgs.cli import main
 from mgs.errors import InputError, MgsError
 from mgs.scene import load_image, load_scene
-from mgs.sfm import (REPORT_JSON, SfmConfig, _check_registered, estimate_up, list_images,
-                     orientation, run_sfm, umeyama, wgs84_to_enu)
+from mgs.ingest.orientation import estimate_up, orientation, umeyama, wgs84_to_enu
+from mgs.ingest.sfm import REPORT_JSON, SfmConfig, _check_registered, list_images, run_sfm
 from mgs.synthetic import SyntheticConfig, look_at_pose, make_synthetic_scene
 
 CALITERRA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caliterra" / "images"
@@ -142,7 +142,7 @@ def test_non_images_and_corrupt_jpeg_are_skipped_with_warnings(synth, tmp_path, 
     (photos / "broken.png").write_bytes(good.read_bytes()[:300])
     if CALITERRA.is_dir():
         (photos / "broken.jpg").write_bytes((CALITERRA / "IMG_9361.jpg").read_bytes()[:60000])
-    with caplog.at_level(logging.WARNING, logger="mgs.sfm"):
+    with caplog.at_level(logging.WARNING, logger="mgs.ingest.sfm"):
         names, sizes = list_images(photos)
     assert names == sorted(p.name for p in (synth / "images").glob("*.png"))[:4]
     assert set(sizes.values()) == {(400, 300)}

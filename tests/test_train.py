@@ -8,7 +8,7 @@ import torch
 from mgs.checkpoint import load_checkpoint
 from mgs.config import TrainConfig
 from mgs.errors import InputError, TrainingError
-from mgs.train import CHECKPOINT_NAME, train_scene
+from mgs.training_loop import CHECKPOINT_NAME, train_scene
 
 SMALL = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=5, update_from=5,
              update_interval=10, update_until=30, eval_interval=20, checkpoint_interval=20,

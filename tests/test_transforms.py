@@ -15,11 +15,11 @@ from plyfile import PlyData, PlyElement
 
 from mgs.cli import main
 from mgs.config import TrainConfig
-from mgs.datasets import ingest
+from mgs.ingest.datasets import ingest
 from mgs.errors import InputError
 from mgs.scene import load_scene
 from mgs.synthetic import SyntheticConfig, build_city, make_synthetic_scene
-from mgs.train import train_scene
+from mgs.training_loop import train_scene
 
 # From 200 m the renderer's periodic ground tiles blur out, so SIFT matches buildings, not tiles
 # 24 m apart (see tests/test_sfm.py). One pixel covers 2·200·tan(30°)/240 ≈ 0.96 m of ground.

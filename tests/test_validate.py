@@ -14,7 +14,7 @@ from mgs.config import TrainConfig
 from mgs.errors import InputError
 from mgs.momentum import MomentumConfig
 from mgs.partition import PartitionConfig
-from mgs.sfm import SfmConfig
+from mgs.ingest.sfm import SfmConfig
 from mgs.synthetic import SyntheticConfig
 from mgs.validate import SPECS, check_scene, check_value, parse_spec
 

@@ -20,7 +20,7 @@ from mgs.checkpoint import load_checkpoint
 from mgs.config import TrainConfig
 from mgs.momentum import MomentumConfig
 from mgs.partition import PartitionConfig
-from mgs.sfm import SfmConfig
+from mgs.ingest.sfm import SfmConfig
 from mgs.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ from mgs.atomic import ensure_writable_dir, refuse_overlap
 from mgs.errors import InputError, MgsError
 from mgs.scene import SCENE_JSON, Camera, Scene, save_scene, split_every
 
-log = logging.getLogger("mgs.transforms")
+log = logging.getLogger("mgs.ingest.transforms")
 pycolmap.logging.minloglevel = 2
 
 DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
@@ -55,7 +55,7 @@ PEAK_THRESHOLD = 0.002
 def ingest_transforms(src, out, factor: int = 1, width: int | None = None,
                       up: str | None = None) -> Scene:
     """Convert the transforms.json capture at `src` into the scene folder `out`."""
-    from mgs.datasets import _materialise, _up_vector  # datasets imports this module lazily
+    from mgs.ingest.datasets import _materialise, _up_vector  # imports this module lazily
 
     src, out = Path(src), Path(out)
     files = _json_files(src)
@@ -144,7 +144,7 @@ def _named(cameras: list[Camera], paths: list) -> list[Camera]:
 
 def read_frames(path: Path, meta: dict, prefix: str = "") -> list[Camera]:
     """The frames of one transforms json as Cameras (world→camera, OpenCV axes)."""
-    from mgs.datasets import opengl_to_colmap
+    from mgs.ingest.datasets import opengl_to_colmap
 
     cameras = []
     for index, frame in enumerate(meta["frames"]):

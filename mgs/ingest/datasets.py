@@ -7,7 +7,7 @@ Layouts (ALGORITHM.md §1.1; train and test are separate models in one world fra
     matrixcity:    aerial/{train,test}/block_all/transforms[_{split}].json + images
                    (+ train/block_all/sparse/0: the COLMAP point cloud used for initialisation)
     colmap:        <dir>/{images,sparse/0} — an undistorted model; every 10th image is test
-    transforms:    <dir>/transforms.json (instant-ngp, nerfstudio): see mgs.transforms
+    transforms:    <dir>/transforms.json (instant-ngp, nerfstudio): see mgs.ingest.transforms
 
 Images are downsampled once, at ingest, and written as the scene's own ``images/`` (PNG,
 PIL bicubic, ``⌊W/f⌋×⌊H/f⌋`` as the official ``downsample.py``; MatrixCity to 1600 px wide)
@@ -36,9 +36,10 @@ from mgs.errors import InputError, MgsError
 from mgs.images import file_digest, read_cached_png, save_cached_png, to_rgb
 from mgs.scene import (SCENE_JSON, TRAINABLE_CAMERA_MODELS, UNDISTORT_HINT, Camera, Scene,
                        open_model, save_scene, split_every)
-from mgs.sfm import IMAGE_SUFFIXES, estimate_up
+from mgs.ingest.orientation import estimate_up
+from mgs.ingest.sfm import IMAGE_SUFFIXES
 
-log = logging.getLogger("mgs.datasets")
+log = logging.getLogger("mgs.ingest.datasets")
 pycolmap.logging.minloglevel = 2
 
 DATASETS = ("mill19", "urbanscene3d", "matrixcity", "colmap", "transforms")
@@ -64,7 +65,7 @@ def ingest(dataset: str, src, out, factor: int | None = None, width: int | None 
     if factor < 1:
         raise MgsError(f"--factor must be a positive integer, got {factor}")
     if dataset == "transforms":
-        from mgs.transforms import ingest_transforms
+        from mgs.ingest.transforms import ingest_transforms
 
         return ingest_transforms(src, out, factor, width, up)
     if not src.is_dir():
