@@ -163,17 +163,20 @@ class SsimVisibility:
 # ------------------------------------------------------------------ blocks
 
 def _nearest_block(index: int, groups: list[list[int]], counts: np.ndarray,
-                   centres: np.ndarray) -> int:
-    """Nearest other block by cell-centre distance in contracted space (ties: fewer cameras)."""
+                   centres: np.ndarray, starved: set[int]) -> int:
+    """Nearest other block by cell-centre distance in contracted space (ties: fewer cameras),
+    a block that is not starved itself first: empty cells around a scene then join the block
+    next to them instead of chaining into one ring that grows a block's margin around all the
+    others."""
     mine = centres[groups[index]]
     best = None
     for other, cells in enumerate(groups):
         if other == index:
             continue
         dist = np.linalg.norm(mine[:, None] - centres[cells][None], axis=-1).min()
-        key = (round(float(dist), 9), int(counts[other]), other)
+        key = (other in starved, round(float(dist), 9), int(counts[other]), other)
         best = key if best is None or key < best else best
-    return best[2]
+    return best[3]
 
 
 def merge_starved(groups: list[list[int]], members: np.ndarray, points_per_group: np.ndarray,
@@ -190,7 +193,7 @@ def merge_starved(groups: list[list[int]], members: np.ndarray, points_per_group
         if not starved:
             break
         index = min(starved, key=lambda g: (counts[g], points[g], g))
-        target = _nearest_block(index, groups, counts, centres)
+        target = _nearest_block(index, groups, counts, centres, set(starved))
         empty = counts[index] == 0 and points[index] == 0
         (log.info if empty else log.warning)(
             "cells %s: %d cameras, %d SfM points (min_cameras %d): merged into the block of "

@@ -177,6 +177,23 @@ def test_starved_block_is_merged_into_its_nearest_neighbour(caplog):
     assert "cells [3]: 1 cameras" in caplog.text
 
 
+def test_empty_ring_joins_the_cells_next_to_it_not_one_block():
+    # 4x4x1 with data in the inner 2x2 cells (5, 6, 9, 10) only: each empty ring cell joins its
+    # nearest inner cell; chaining the ring into one block would grow that block's margin
+    # around all the others
+    members = np.zeros((40, 16), dtype=bool)
+    points = np.zeros(16, dtype=int)
+    for i, cell in enumerate((5, 6, 9, 10)):
+        members[10 * i:10 * (i + 1), cell] = True
+        points[cell] = 100
+    groups, _ = merge_starved([[c] for c in range(16)], members, points, 5, (4, 4, 1),
+                              lambda cells: members[:, cells].any(1))
+    assert len(groups) == 4 and all(len(g) == 4 for g in groups)
+    assert sorted(g for group in groups for g in group) == list(range(16))
+    assert [sorted(set(g) & {5, 6, 9, 10}) for g in groups] == [[5], [6], [9], [10]]
+    assert [0, 1, 4, 5] in groups and [10, 11, 14, 15] in groups
+
+
 def test_starved_blocks_merge_end_to_end(tiny_scene, tmp_path, caplog):
     config = PartitionConfig(block_dim=[3, 3, 1], assignment="center", min_cameras=3)
     with caplog.at_level(logging.WARNING, logger="mgs.partition"):
