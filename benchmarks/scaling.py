@@ -60,15 +60,33 @@ def run_job(args: list[str], log_path: Path) -> tuple[float, float, float]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mgs.cli", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, **JOB_ENV))
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        peak_file = log_path.with_suffix(".peak")
+        proc = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, str(peak_file), *args],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **JOB_ENV))
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"`mgs {' '.join(args)}` failed ({proc.returncode}); see {log_path}")
-    # ru_maxrss is in KiB on Linux
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return seconds, usage.ru_utime + usage.ru_stime, float(peak_file.read_text())
+
+
+# The job's own high-water mark (VmHWM, MB), written as it exits. Not ru_maxrss: Linux carries
+# the parent's high-water mark at the fork into the child's, so a benchmark that has loaded
+# a scene would read its own peak into every job it starts.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+peak_file = sys.argv[1]
+def write_peak():
+    with open("/proc/self/status") as status:
+        kib = next(line for line in status if line.startswith("VmHWM")).split()[1]
+    with open(peak_file, "w") as out:
+        out.write(str(int(kib) / 1024))
+atexit.register(write_peak)
+sys.argv = ["mgs", *sys.argv[2:]]
+runpy.run_module("mgs.cli", run_name="__main__")
+"""
 
 
 def run_stage(name: str, jobs: list[tuple[list[str], Path]], workers: int,
@@ -331,8 +349,7 @@ def tensor_mb(tensors: dict) -> float:
 def ratio(opts) -> None:
     """The largest block job of a 4-block partition against the whole-scene job, same steps.
 
-    Every job runs before this process imports torch: Linux counts the parent's resident
-    memory at the spawn into a child's peak (ru_maxrss), so a heavy parent would raise them."""
+    Each job reports its own high-water mark (see PEAK_WRAPPER)."""
     work = opts.work / "ratio"
     run, logs = work / "run", work / "run" / "logs"
     steps = opts.ratio_steps
@@ -375,7 +392,7 @@ def ratio(opts) -> None:
                                 str(work / "single"), "--config", config,
                                 "--iterations", str(steps)], logs / "single.log")
 
-    import torch  # only now: see the docstring
+    import torch
 
     rows = {}
     for block in partition["blocks"]:
@@ -412,13 +429,14 @@ def ratio(opts) -> None:
 def run_job_python(code: str, log_path: Path) -> float:
     """Peak RSS (MB) of a Python process that runs `code` only (the runtime floor)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    report = ("\nwith open('/proc/self/status') as s:\n"
+              "    print(next(l for l in s if l.startswith('VmHWM')).split()[1])")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, **JOB_ENV))
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+        done = subprocess.run([sys.executable, "-c", code + report], stdout=subprocess.PIPE,
+                              stderr=log, text=True, env=dict(os.environ, **JOB_ENV))
+    if done.returncode != 0:
         raise SystemExit(f"python -c {code!r} failed; see {log_path}")
-    return usage.ru_maxrss / 1024
+    return int(done.stdout.split()[-1]) / 1024
 
 
 # ------------------------------------------------------------------ main

@@ -111,15 +111,25 @@ def mean_knn_sq_distance(xyz: torch.Tensor, k: int = 3) -> torch.Tensor:
     return torch.from_numpy(mean_sq.astype(np.float32)).clamp_min(1e-14)
 
 
+# anchors projected at once by the frustum cull: its ~100 floats of temporaries per anchor
+# then cost a few MB, not a city-sized transient at every step
+CULL_CHUNK = 1 << 16
+
+
 def visible_anchor_mask(anchors: Anchors, viewmat: torch.Tensor, K: torch.Tensor,
-                        width: int, height: int) -> torch.Tensor:
+                        width: int, height: int, chunk: int = CULL_CHUNK) -> torch.Tensor:
     """Frustum culling: anchors whose offset-extent footprint projects onto the image."""
+    device = anchors.xyz.device
+    parts = []
     with torch.no_grad():
-        quats = torch.zeros(anchors.count, 4, device=anchors.xyz.device)
-        quats[:, 0] = 1.0
-        radii, *_ = project(anchors.xyz, quats, torch.exp(anchors.scaling[:, :3]),
-                            viewmat, K, width, height)
-    return radii > 0
+        for start in range(0, anchors.count, chunk):
+            xyz = anchors.xyz[start:start + chunk]
+            quats = torch.zeros(xyz.shape[0], 4, device=device)
+            quats[:, 0] = 1.0
+            radii, *_ = project(xyz, quats, torch.exp(anchors.scaling[start:start + chunk, :3]),
+                                viewmat, K, width, height)
+            parts.append(radii > 0)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=device)
 
 
 @dataclass

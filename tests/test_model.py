@@ -5,7 +5,7 @@ import torch
 from mgs.config import TrainConfig
 from mgs.densify import DensifyState, adjust_anchors
 from mgs.model import (Anchors, Decoder, decode_attributes, mean_knn_sq_distance,
-                       neural_gaussians, voxelize)
+                       neural_gaussians, visible_anchor_mask, voxelize)
 
 
 def make_anchors(n=6, feat_dim=4, k=3):
@@ -65,6 +65,23 @@ def test_knn_scales_equal_the_all_pairs_result():
     two = mean_knn_sq_distance(torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]]), k=3)
     assert two.tolist() == [25.0, 25.0]  # k clipped to the one neighbour
     assert mean_knn_sq_distance(torch.zeros(1, 3)).tolist() == [pytest.approx(1e-4)]
+
+
+def test_frustum_cull_in_chunks_equals_one_pass():
+    """The cull projects a city's anchors a chunk at a time; the mask must not depend on it."""
+    generator = torch.Generator().manual_seed(0)
+    xyz = (torch.rand(1000, 3, generator=generator) - 0.5) * torch.tensor([40.0, 40.0, 10.0])
+    anchors = Anchors.from_points(xyz.numpy(), 4, 3, voxel_size=0.0)
+    anchors.scaling.data += torch.randn(1000, 6, generator=generator)
+    viewmat = torch.eye(4)
+    viewmat[2, 3] = 15.0  # camera 15 m in front of the cloud's centre, looking along +z
+    K = torch.tensor([[40.0, 0, 32], [0, 40.0, 24], [0, 0, 1]])
+    whole = visible_anchor_mask(anchors, viewmat, K, 64, 48, chunk=10_000)
+    assert 0 < int(whole.sum()) < 1000  # some anchors in view, some not
+    for chunk in (1, 7, 333, 1000):
+        assert torch.equal(visible_anchor_mask(anchors, viewmat, K, 64, 48, chunk=chunk), whole)
+    empty = Anchors.from_points(np.zeros((0, 3)), 4, 3, voxel_size=0.0)
+    assert visible_anchor_mask(empty, viewmat, K, 64, 48).shape == (0,)
 
 
 def test_decoder_outputs_and_selection():
