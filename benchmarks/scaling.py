@@ -353,10 +353,11 @@ def ratio(opts) -> None:
     work = opts.work / "ratio"
     run, logs = work / "run", work / "run" / "logs"
     steps = opts.ratio_steps
+    scene_settings = dict(RATIO_SCENE, num_points=opts.ratio_points)
     # the 4-block city's partition (see city_settings): a 4x4 grid whose inner 2x2 cells tile
     # the data footprint, so the margin is a quarter of a block's width, not of half the
     # contracted space (where a 2x2 grid's cells also hold the unbounded outside)
-    settings = {"name": "ratio", "source": "synthetic", "synthetic": RATIO_SCENE,
+    settings = {"name": "ratio", "source": "synthetic", "synthetic": scene_settings,
                 "partition": dict(block_dim=[4, 4, 1], aabb="scene", min_cameras=2),
                 "train": dict(RATIO_TRAIN, iterations=steps, lr_max_steps=steps),
                 "momentum": dict(mode="full", rounds=1, iterations_per_round=steps,
@@ -410,7 +411,7 @@ def ratio(opts) -> None:
                           anchors=int(anchors["xyz"].shape[0]), params_mb=tensor_mb(anchors),
                           rss=single_rss)
     print(f"\nratio city: {RATIO_SCENE['extent']:.0f} m, {rows['single']['views']} views of "
-          f"{RATIO_SCENE['width']}x{RATIO_SCENE['height']}, {RATIO_SCENE['num_points']} points, "
+          f"{RATIO_SCENE['width']}x{RATIO_SCENE['height']}, {scene_settings['num_points']} points, "
           f"{steps} steps; runtime floor (imports only) {floor:.0f} MB")
     print(f"{'job':>8s} {'views':>6s} {'images MB':>10s} {'anchors':>8s} {'share':>6s} "
           f"{'params MB':>10s} {'x4 (grad, Adam)':>16s} {'peak RSS MB':>12s}")
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio", action="store_true",
                         help="block job vs whole-scene job peak RSS instead of the cities")
     parser.add_argument("--ratio-steps", type=int, default=10)
+    parser.add_argument("--ratio-points", type=int, default=RATIO_SCENE["num_points"],
+                        help="--ratio: SfM points of the city (anchors follow at its voxel size)")
     parser.add_argument("--margin", type=float, default=None,
                         help="--ratio: the partition's margin (default: the config's, 0.25)")
     return parser

@@ -133,12 +133,48 @@ def visible_anchor_mask(anchors: Anchors, viewmat: torch.Tensor, K: torch.Tensor
 
 
 @dataclass
+class DecoderInputs:
+    """The visible anchors' rows, gathered once per view: every decoder applied to them (student
+    and teacher) and the Gaussian centres read these, so the backward scatters each anchor
+    tensor's gradient into one anchor-sized buffer, not one per use."""
+    xyz: torch.Tensor  # (V, 3)
+    scaling: torch.Tensor  # (V, 6) log scaling
+    z: torch.Tensor  # (V, feat_dim + 3): feature and unit view direction
+
+
+@dataclass
 class DecodedAttributes:
     """Per neural Gaussian (visible anchors × k, flattened), before the α > 0 selection."""
     opacity: torch.Tensor  # raw tanh output, (M,)
     color: torch.Tensor  # (M, 3)
     quat: torch.Tensor  # normalised wxyz, (M, 4)
     scale: torch.Tensor  # linear, (M, 3)
+    inputs: DecoderInputs  # what they were decoded from
+
+
+def decoder_inputs(anchors: Anchors, visible: torch.Tensor,
+                   camera_center: torch.Tensor) -> DecoderInputs:
+    xyz = anchors.xyz[visible]
+    view_dir = xyz - camera_center
+    view_dir = view_dir / view_dir.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return DecoderInputs(xyz=xyz, scaling=anchors.scaling[visible],
+                         z=torch.cat([anchors.features[visible], view_dir], dim=1))
+
+
+def apply_decoder(decoder: Decoder, inputs: DecoderInputs,
+                  latent: torch.Tensor | None = None) -> DecodedAttributes:
+    """The decoder's attributes for gathered inputs (and the image's appearance `latent` for
+    the colour MLP when the decoder has one)."""
+    opacity, cov, color = decoder(inputs.z, latent)
+    base_scale = torch.exp(inputs.scaling[:, 3:]).repeat_interleave(decoder.n_offsets, dim=0)
+    cov = cov.reshape(-1, 7)
+    return DecodedAttributes(
+        opacity=opacity.reshape(-1),
+        color=color.reshape(-1, 3),
+        quat=nn.functional.normalize(cov[:, 3:7], dim=1),
+        scale=base_scale * torch.sigmoid(cov[:, :3]),
+        inputs=inputs,
+    )
 
 
 def decode_attributes(decoder: Decoder, anchors: Anchors, visible: torch.Tensor,
@@ -146,20 +182,7 @@ def decode_attributes(decoder: Decoder, anchors: Anchors, visible: torch.Tensor,
                       ) -> DecodedAttributes:
     """Apply the decoder to the visible anchors' [feature, unit view direction] inputs (and the
     image's appearance `latent` for the colour MLP when the decoder has one)."""
-    k = decoder.n_offsets
-    xyz = anchors.xyz[visible]
-    view_dir = xyz - camera_center
-    view_dir = view_dir / view_dir.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    z = torch.cat([anchors.features[visible], view_dir], dim=1)
-    opacity, cov, color = decoder(z, latent)
-    base_scale = torch.exp(anchors.scaling[visible, 3:]).repeat_interleave(k, dim=0)
-    cov = cov.reshape(-1, 7)
-    return DecodedAttributes(
-        opacity=opacity.reshape(-1),
-        color=color.reshape(-1, 3),
-        quat=nn.functional.normalize(cov[:, 3:7], dim=1),
-        scale=base_scale * torch.sigmoid(cov[:, :3]),
-    )
+    return apply_decoder(decoder, decoder_inputs(anchors, visible, camera_center), latent)
 
 
 @dataclass
@@ -176,8 +199,9 @@ class NeuralGaussians:
 def neural_gaussians(anchors: Anchors, visible: torch.Tensor,
                      attrs: DecodedAttributes) -> NeuralGaussians:
     """Offsets → centres; keep Gaussians with positive opacity (the learned selection)."""
-    offsets = anchors.offsets[visible] * torch.exp(anchors.scaling[visible, None, :3])
-    means = (anchors.xyz[visible, None, :] + offsets).reshape(-1, 3)
+    inputs = attrs.inputs
+    offsets = anchors.offsets[visible] * torch.exp(inputs.scaling[:, None, :3])
+    means = (inputs.xyz[:, None, :] + offsets).reshape(-1, 3)
     selected = attrs.opacity > 0
     return NeuralGaussians(means=means[selected], quats=attrs.quat[selected],
                            scales=attrs.scale[selected], opacities=attrs.opacity[selected],

@@ -20,7 +20,7 @@ from mgs.config import TrainConfig
 from mgs.densify import DensifyState, adjust_anchors
 from mgs.errors import TrainingError
 from mgs.metrics import psnr, ssim
-from mgs.model import Anchors, Decoder, camera_center, decode, decode_attributes
+from mgs.model import Anchors, Decoder, apply_decoder, camera_center, decode
 from mgs.momentum import ema_update_
 from mgs.render import render
 from mgs.scene import Camera, image_to_float, load_image_array
@@ -220,8 +220,7 @@ class Trainer:
         loss = photometric + c.scale_reg_weight * scale_reg
         cons = torch.zeros((), device=self.device)
         if self.teacher is not None and self.consistency_weight > 0:
-            teacher_attrs = decode_attributes(self.teacher, self.anchors, gaussians.visible,
-                                              camera_center(view.viewmat), latent)
+            teacher_attrs = apply_decoder(self.teacher, attrs.inputs, latent)
             cons = consistency_loss(attrs, teacher_attrs, gaussians.selected)
             loss = loss + self.consistency_weight * cons
         loss = self.loss_weight * loss
