@@ -342,6 +342,16 @@ RATIO_TRAIN = dict(voxel_size=0.02, start_stat=5, update_from=1000, update_until
                    eval_interval=100_000, checkpoint_interval=100_000, threads=1)
 
 
+def ratio_scene(scale: float) -> dict:
+    """RATIO_SCENE widened `scale` times at the same density: what a view sees stays the same,
+    so only what grows with the city (anchors, images) grows."""
+    area = scale * scale
+    return dict(RATIO_SCENE, extent=RATIO_SCENE["extent"] * scale,
+                num_passes=round(RATIO_SCENE["num_passes"] * scale),
+                **{key: round(RATIO_SCENE[key] * area)
+                   for key in ("num_buildings", "num_views", "num_points")})
+
+
 def tensor_mb(tensors: dict) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
@@ -353,7 +363,7 @@ def ratio(opts) -> None:
     work = opts.work / "ratio"
     run, logs = work / "run", work / "run" / "logs"
     steps = opts.ratio_steps
-    scene_settings = dict(RATIO_SCENE, num_points=opts.ratio_points)
+    scene_settings = ratio_scene(opts.ratio_scale)
     # the 4-block city's partition (see city_settings): a 4x4 grid whose inner 2x2 cells tile
     # the data footprint, so the margin is a quarter of a block's width, not of half the
     # contracted space (where a 2x2 grid's cells also hold the unbounded outside)
@@ -368,7 +378,7 @@ def ratio(opts) -> None:
     # each step's output is kept: a rerun resumes after the last finished one
     if not (run / "scene" / "scene.json").is_file():
         configure(run, settings)
-        print(f"ratio city: rendering {RATIO_SCENE['num_views']} views", flush=True)
+        print(f"ratio city: rendering {scene_settings['num_views']} views", flush=True)
         run_job(["synth", str(run / "scene"), "--config", config], logs / "synth.log")
     if not (run / "partition" / "partition.json").is_file():
         settings["partition"]["aabb"] = data_aabb(run / "scene")
@@ -410,7 +420,7 @@ def ratio(opts) -> None:
     rows["single"] = dict(views=len(scene["train_names"]) + len(scene["test_names"]),
                           anchors=int(anchors["xyz"].shape[0]), params_mb=tensor_mb(anchors),
                           rss=single_rss)
-    print(f"\nratio city: {RATIO_SCENE['extent']:.0f} m, {rows['single']['views']} views of "
+    print(f"\nratio city: {scene_settings['extent']:.0f} m, {rows['single']['views']} views of "
           f"{RATIO_SCENE['width']}x{RATIO_SCENE['height']}, {scene_settings['num_points']} points, "
           f"{steps} steps; runtime floor (imports only) {floor:.0f} MB")
     print(f"{'job':>8s} {'views':>6s} {'images MB':>10s} {'anchors':>8s} {'share':>6s} "
@@ -455,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio", action="store_true",
                         help="block job vs whole-scene job peak RSS instead of the cities")
     parser.add_argument("--ratio-steps", type=int, default=10)
-    parser.add_argument("--ratio-points", type=int, default=RATIO_SCENE["num_points"],
-                        help="--ratio: SfM points of the city (anchors follow at its voxel size)")
+    parser.add_argument("--ratio-scale", type=float, default=1.0,
+                        help="--ratio: the city's width times this (views, points and "
+                             "buildings in proportion to its area; the density stays)")
     parser.add_argument("--margin", type=float, default=None,
                         help="--ratio: the partition's margin (default: the config's, 0.25)")
     return parser
