@@ -399,9 +399,13 @@ def ratio(opts) -> None:
     _, _, block_rss = run_job(
         ["train-block", "--run", str(run), "--round", "1", "--block", str(largest)],
         logs / "train_block.log")
-    _, _, single_rss = run_job(["train", "--scene", str(run / "scene"), "--out",
-                                str(work / "single"), "--config", config,
-                                "--iterations", str(steps)], logs / "single.log")
+    single_peak = logs / "single.peak"  # the whole-scene job does not depend on the partition
+    if (work / "single" / "checkpoint.pt").is_file() and single_peak.is_file():
+        single_rss = float(single_peak.read_text())
+    else:
+        _, _, single_rss = run_job(["train", "--scene", str(run / "scene"), "--out",
+                                    str(work / "single"), "--config", config,
+                                    "--iterations", str(steps)], logs / "single.log")
 
     import torch
 

@@ -163,16 +163,18 @@ class SsimVisibility:
 # ------------------------------------------------------------------ blocks
 
 def _nearest_block(index: int, groups: list[list[int]], counts: np.ndarray,
-                   centres: np.ndarray, starved: set[int]) -> int:
+                   centres: np.ndarray, starved: set[int], populated: set[int]) -> int:
     """Nearest other block by cell-centre distance in contracted space (ties: fewer cameras),
-    a block that is not starved itself first: empty cells around a scene then join the block
-    next to them instead of chaining into one ring that grows a block's margin around all the
-    others."""
+    a block that is not starved itself first. The distance is to the block's cells that hold
+    SfM points: empty cells around a scene then join the block whose data is next to them, not
+    the block that has already taken an empty neighbour (a chain that would make one block's
+    cells, and so its margin, surround all the others)."""
     mine = centres[groups[index]]
     best = None
     for other, cells in enumerate(groups):
         if other == index:
             continue
+        cells = [c for c in cells if c in populated] or cells
         dist = np.linalg.norm(mine[:, None] - centres[cells][None], axis=-1).min()
         key = (other in starved, round(float(dist), 9), int(counts[other]), other)
         best = key if best is None or key < best else best
@@ -187,13 +189,14 @@ def merge_starved(groups: list[list[int]], members: np.ndarray, points_per_group
     """
     groups, points = [list(g) for g in groups], list(points_per_group)
     centres = cell_centres(block_dim)
+    populated = {c for g, n in zip(groups, points) if n > 0 for c in g}
     while len(groups) > 1:
         counts = members.sum(axis=0)
         starved = [g for g in range(len(groups)) if counts[g] < min_cameras or points[g] == 0]
         if not starved:
             break
         index = min(starved, key=lambda g: (counts[g], points[g], g))
-        target = _nearest_block(index, groups, counts, centres, set(starved))
+        target = _nearest_block(index, groups, counts, centres, set(starved), populated)
         empty = counts[index] == 0 and points[index] == 0
         (log.info if empty else log.warning)(
             "cells %s: %d cameras, %d SfM points (min_cameras %d): merged into the block of "

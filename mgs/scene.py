@@ -190,9 +190,12 @@ def read_colmap(model_dir, image_dir) -> tuple[list[Camera], np.ndarray, np.ndar
     if not cameras:
         raise InputError(f"COLMAP folder {model_dir} has no registered images")
     cameras.sort(key=lambda c: c.name)
-    points = list(rec.points3D.values())
-    xyz = np.array([p.xyz for p in points], dtype=np.float64).reshape(-1, 3)
-    rgb = np.array([p.color for p in points], dtype=np.uint8).reshape(-1, 3)
+    # filled one point at a time: a list of every point's Python object first would peak at
+    # ~0.5 KB per point (2.3 GB for a 4M-point city, against 0.6 GB this way)
+    count = rec.num_points3D()
+    xyz, rgb = np.empty((count, 3), dtype=np.float64), np.empty((count, 3), dtype=np.uint8)
+    for i, point in enumerate(rec.points3D.values()):
+        xyz[i], rgb[i] = point.xyz, point.color
     return cameras, xyz, rgb
 
 

@@ -194,6 +194,27 @@ def test_empty_ring_joins_the_cells_next_to_it_not_one_block():
     assert [0, 1, 4, 5] in groups and [10, 11, 14, 15] in groups
 
 
+def test_empty_ring_does_not_chain_onto_the_block_that_took_the_first_empty_cell():
+    # As above, but the ring cells hold a camera or two (flights past the data's edge) and the
+    # block of cell 5 has the fewest cameras, so it wins every tie: measured to the cells
+    # holding points, each ring cell still joins the inner cell next to it
+    members = np.zeros((60, 16), dtype=bool)
+    points = np.zeros(16, dtype=int)
+    start = 0
+    for cell, cameras in ((5, 6), (6, 10), (9, 10), (10, 10)):
+        members[start:start + cameras, cell] = True
+        points[cell] = 100
+        start += cameras
+    for cell in (0, 1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 15):
+        members[start, cell] = True
+        start += 1
+    groups, _ = merge_starved([[c] for c in range(16)], members, points, 5, (4, 4, 1),
+                              lambda cells: members[:, cells].any(1))
+    assert [sorted(set(g) & {5, 6, 9, 10}) for g in groups] == [[5], [6], [9], [10]]
+    assert all(len(g) == 4 for g in groups)
+    assert [0, 1, 4, 5] in groups and [10, 11, 14, 15] in groups
+
+
 def test_starved_blocks_merge_end_to_end(tiny_scene, tmp_path, caplog):
     config = PartitionConfig(block_dim=[3, 3, 1], assignment="center", min_cameras=3)
     with caplog.at_level(logging.WARNING, logger="mgs.partition"):
