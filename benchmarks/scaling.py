@@ -72,11 +72,11 @@ def run_job(args: list[str], log_path: Path) -> tuple[float, float, float]:
     return seconds, usage.ru_utime + usage.ru_stime, float(peak_file.read_text())
 
 
-# The job's own high-water mark (VmHWM, MB), written as it exits. Not ru_maxrss: Linux carries
-# the parent's high-water mark at the fork into the child's, so a benchmark that has loaded
-# a scene would read its own peak into every job it starts.
-PEAK_WRAPPER = """
-import atexit, runpy, sys
+# Writes the process's own high-water mark (VmHWM, MB) to the file argv[1] as it exits. Not
+# ru_maxrss: Linux carries the parent's high-water mark at the fork into the child's, so a
+# benchmark that has loaded a scene would read its own peak into every job it starts.
+PEAK_PREAMBLE = """
+import atexit, sys
 peak_file = sys.argv[1]
 def write_peak():
     with open("/proc/self/status") as status:
@@ -84,6 +84,9 @@ def write_peak():
     with open(peak_file, "w") as out:
         out.write(str(int(kib) / 1024))
 atexit.register(write_peak)
+"""
+PEAK_WRAPPER = PEAK_PREAMBLE + """
+import runpy
 sys.argv = ["mgs", *sys.argv[2:]]
 runpy.run_module("mgs.cli", run_name="__main__")
 """
@@ -444,14 +447,13 @@ def ratio(opts) -> None:
 def run_job_python(code: str, log_path: Path) -> float:
     """Peak RSS (MB) of a Python process that runs `code` only (the runtime floor)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    report = ("\nwith open('/proc/self/status') as s:\n"
-              "    print(next(l for l in s if l.startswith('VmHWM')).split()[1])")
+    peak_file = log_path.with_suffix(".peak")
     with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-c", code + report], stdout=subprocess.PIPE,
-                              stderr=log, text=True, env=dict(os.environ, **JOB_ENV))
+        done = subprocess.run([sys.executable, "-c", PEAK_PREAMBLE + code, str(peak_file)],
+                              stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **JOB_ENV))
     if done.returncode != 0:
         raise SystemExit(f"python -c {code!r} failed; see {log_path}")
-    return int(done.stdout.split()[-1]) / 1024
+    return float(peak_file.read_text())
 
 
 # ------------------------------------------------------------------ main
