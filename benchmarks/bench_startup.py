@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HEAVY = ("torch", "numba", "PIL", "pycolmap", "matplotlib", "skimage", "pandas", "scipy",

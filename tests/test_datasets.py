@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from mgs.cli import main
-from mgs.ingest.datasets import ingest, opengl_to_colmap
+from mgs.ingest.datasets import ingest
+from mgs.ingest.frames import opengl_to_colmap
 from mgs.errors import InputError, MgsError
 from mgs.scene import Camera, load_scene, write_colmap
 from mgs.synthetic import look_at_pose

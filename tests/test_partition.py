@@ -8,9 +8,9 @@ import pytest
 from mgs.cli import main as cli_main
 from mgs.config import TrainConfig
 from mgs.errors import InputError
-from mgs.partition import (PartitionConfig, auto_aabb, cell_bounds, cell_ids, contract,
-                           load_partition, merge_starved, partition_scene, split_validation,
-                           uncontract)
+from mgs.partition import PartitionConfig, load_partition, partition_scene
+from mgs.partition.assign import merge_starved, split_validation
+from mgs.partition.geometry import auto_aabb, cell_bounds, cell_ids, contract, uncontract
 from mgs.scene import load_scene
 
 UNIT = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])

@@ -35,6 +35,7 @@ from plyfile import PlyData
 
 from mgs.atomic import ensure_writable_dir, refuse_overlap
 from mgs.errors import InputError, MgsError
+from mgs.ingest.frames import materialise, opengl_to_colmap, up_vector
 from mgs.scene import SCENE_JSON, Camera, Scene, save_scene, split_every
 
 log = logging.getLogger("mgs.ingest.transforms")
@@ -55,7 +56,6 @@ PEAK_THRESHOLD = 0.002
 def ingest_transforms(src, out, factor: int = 1, width: int | None = None,
                       up: str | None = None) -> Scene:
     """Convert the transforms.json capture at `src` into the scene folder `out`."""
-    from mgs.ingest.datasets import _materialise, _up_vector  # imports this module lazily
 
     src, out = Path(src), Path(out)
     files = _json_files(src)
@@ -65,10 +65,10 @@ def ingest_transforms(src, out, factor: int = 1, width: int | None = None,
         raise InputError(f"{files['train']} has {len(train) + len(test)} frame(s) "
                          f"({len(train)} for training); a scene needs at least two, one to "
                          "train on and one to test, with overlapping views")
-    up_vec = _up_vector(up or "auto", [c.world_to_camera for c in train])
+    up_vec = up_vector(up or "auto", [c.world_to_camera for c in train])
     ensure_writable_dir(out)
     (out / SCENE_JSON).unlink(missing_ok=True)  # incomplete until save_scene writes it again
-    cameras = _materialise(train + test, out / "images", factor, width)
+    cameras = materialise(train + test, out / "images", factor, width)
     names = [c.name for c in cameras]
     ply = meta.get("ply_file_path")
     if ply:
@@ -144,7 +144,6 @@ def _named(cameras: list[Camera], paths: list) -> list[Camera]:
 
 def read_frames(path: Path, meta: dict, prefix: str = "") -> list[Camera]:
     """The frames of one transforms json as Cameras (world→camera, OpenCV axes)."""
-    from mgs.ingest.datasets import opengl_to_colmap
 
     cameras = []
     for index, frame in enumerate(meta["frames"]):

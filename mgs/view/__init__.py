@@ -12,10 +12,9 @@ from pathlib import Path
 
 from mgs.atomic import atomic_path
 from mgs.errors import InputError
+from mgs.view.files import PATHS, SCREENSHOT, VIDEO
 
-VIDEO = Path("video") / "flythrough.mp4"  # inside a run folder; what the report links
-SCREENSHOT = Path("view") / "screenshot.png"  # `mgs view --screenshot`; the report shows it
-PATHS = ("orbit", "cameras")
+__all__ = ["PATHS", "SCREENSHOT", "VIDEO", "add_parser", "report_sections"]
 
 
 def parse_size(text: str) -> tuple[int, int]:

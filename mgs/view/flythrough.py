@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mgs.atomic import atomic_path, refuse_overlap
 from mgs.errors import InputError
-from mgs.view import PATHS, VIDEO
+from mgs.view.files import PATHS, VIDEO
 from mgs.view.scene import RunView, intrinsics, look_at, vertical_fov
 
 log = logging.getLogger("mgs.view.flythrough")

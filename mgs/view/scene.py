@@ -23,7 +23,7 @@ from mgs.device import resolve_device
 from mgs.errors import InputError
 from mgs.merge import MergedModel, load_model, render_model
 from mgs.model import Anchors
-from mgs.partition_geometry import cell_bounds, contract, uncontract
+from mgs.partition.geometry import cell_bounds, contract, uncontract
 from mgs.render.gsplat_backend import choose_backend
 
 log = logging.getLogger("mgs.view")

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mgs.errors import InputError
-from mgs.partition_geometry import cell_centres, cell_ids
+from mgs.partition.geometry import cell_centres, cell_ids
 
 log = logging.getLogger("mgs.partition")
 

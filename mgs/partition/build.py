@@ -17,7 +17,6 @@ Outputs in `out_dir`: partition.json (read back with `load_partition`), partitio
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -30,9 +29,8 @@ import numpy as np
 from mgs.atomic import ensure_writable_dir, write_text
 from mgs.config import check_config, yaml_section
 from mgs.errors import InputError
-from mgs.partition_assign import make_visibility, merge_starved, split_validation  # noqa: F401
-from mgs.partition_geometry import (AXES, auto_aabb, cell_bounds, cell_centres, cell_ids,  # noqa: F401
-                                    contract, uncontract)
+from mgs.partition.assign import make_visibility, merge_starved, split_validation
+from mgs.partition.geometry import AXES, auto_aabb, cell_bounds, cell_ids, contract
 from mgs.scene import Scene, load_scene
 
 log = logging.getLogger("mgs.partition")
@@ -368,7 +366,7 @@ def cells_str(cells: list[int]) -> str:
 
 def write_partition(partition: Partition, out_dir: Path, scene: Scene, centre_cells: np.ndarray,
                     up_sign: float = 1.0) -> None:
-    from mgs.partition_plot import plot_partition
+    from mgs.partition.plot import plot_partition
 
     rows = ["block\tcells\ttrain_cameras\tvalidation_cameras\tpoints_in_cell\tpoints_with_margin"]
     rows += [f"{b.id}\t{cells_str(b.cells)}\t{len(b.train_cameras)}\t{len(b.validation_cameras)}\t"
