@@ -6,7 +6,7 @@
 #
 # Steps (each with a time limit; a failing step does not stop the later ones):
 #   1. environment: GPU, torch and its CUDA, nvcc, gsplat
-#   2. gsplat's CUDA extension built once for this GPU (python -m mgs.gsplat_build), timed
+#   2. gsplat's CUDA extension built once for this GPU (`mgs gsplat-build`), timed
 #   3. the CUDA tests (pytest -m cuda): trainer, densify statistics vs CPU, resume, evaluate, ...
 #   4. bench_render's CUDA cases: gsplat vs the torch backend
 #   5. the CI-sized workflow (config/ci.yaml) with train.device: cuda, in a copy of the workflow
@@ -49,7 +49,7 @@ export TORCH_CUDA_ARCH_LIST=$ARCH
 echo "TORCH_EXTENSIONS_DIR=$TORCH_EXTENSIONS_DIR TORCH_CUDA_ARCH_LIST=$ARCH" | tee -a "$LOGS/summary.txt"
 
 # 2. the build (what the workflow's gsplat_build job does), into a fresh folder
-step gsplat_build 1200 "$PYTHON" -m mgs.gsplat_build --out "$TORCH_EXTENSIONS_DIR/gsplat_build.json"
+step gsplat_build 1200 "$PYTHON" -m mgs.cli gsplat-build --out "$TORCH_EXTENSIONS_DIR/gsplat_build.json"
 
 # 3. every CUDA test, with the reason of each skip
 step cuda_tests 900 "$PYTHON" -m pytest -m cuda -rs -v -p no:cacheprovider tests

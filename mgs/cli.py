@@ -27,6 +27,8 @@ from mgs.config import check_config, yaml_section
 from mgs.configure import add_parser as add_configure
 from mgs.errors import MgsError
 from mgs.export import add_parser as add_export
+from mgs.gsplat_build import add_parser as add_gsplat_build
+from mgs.plan.show import add_parser as add_plan
 from mgs.preflight import add_parser as add_preflight
 from mgs.view import add_parser as add_view
 
@@ -343,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_preflight(sub)
     add_view(sub)
     add_export(sub)
+    add_plan(sub)
+    add_gsplat_build(sub)
     return parser
 
 

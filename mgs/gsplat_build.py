@@ -1,6 +1,5 @@
-"""Build gsplat's CUDA extension once, before any GPU job needs it (the workflow's gsplat_build).
-
-    python -m mgs.gsplat_build --out EXT_DIR/gsplat_build.json
+"""`mgs gsplat-build --out EXT_DIR/gsplat_build.json`: build gsplat's CUDA extension once, before
+any GPU job needs it (the workflow's gsplat_build).
 
 gsplat 1.5.3 compiles its extension at the first CUDA call into
 $TORCH_EXTENSIONS_DIR/gsplat_cuda (default ~/.cache/torch_extensions/py*_cu*/gsplat_cuda). Two
@@ -13,16 +12,13 @@ everywhere. The JSON records what was built, for whom, and how long it took.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-import torch
-
 from mgs.atomic import write_text
+from mgs.errors import MgsError
 
 
 def _arch_covered(arch_list: str, major: int, minor: int) -> bool:
@@ -43,6 +39,8 @@ def _arch_covered(arch_list: str, major: int, minor: int) -> bool:
 
 
 def build() -> dict:
+    import torch
+
     from mgs.render.gsplat_backend import gsplat_problem
 
     info = {
@@ -56,29 +54,27 @@ def build() -> dict:
     major, minor = torch.cuda.get_device_capability()
     info.update(gpu=torch.cuda.get_device_name(), capability=f"{major}.{minor}")
     if info["arch_list"] and not _arch_covered(info["arch_list"], major, minor):
-        raise SystemExit(f"error: TORCH_CUDA_ARCH_LIST={info['arch_list']} does not cover this "
+        raise MgsError(f"TORCH_CUDA_ARCH_LIST={info['arch_list']} does not cover this "
                          f"GPU ({info['gpu']}, {major}.{minor}); add {major}.{minor} to "
                          "gsplat.arch_list in the workflow config")
     start = time.perf_counter()
     problem = gsplat_problem("cuda")  # imports gsplat's extension: builds it when missing
     info["seconds"] = round(time.perf_counter() - start, 1)
     if problem:
-        raise SystemExit(f"error: {problem}")
+        raise MgsError(problem)
     info["built"] = True
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mgs.gsplat_build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file recording the build")
-    args = parser.parse_args(argv)
+def _run(args) -> None:
     info = build()
     print(json.dumps(info, indent=2), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_text(Path(args.out), json.dumps(info, indent=2) + "\n")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def add_parser(sub) -> None:
+    p = sub.add_parser("gsplat-build", help="build gsplat's CUDA extension once for this node's "
+                                            "GPU (records that nothing was built without one)")
+    p.add_argument("--out", required=True, help="JSON file recording the build")
+    p.set_defaults(func=_run)

@@ -196,7 +196,7 @@ def test_gsplat_build_without_a_gpu_records_that_nothing_was_built(tmp_path, mon
     out = tmp_path / "ext" / "gsplat_build.json"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    result = subprocess.run([sys.executable, "-m", "mgs.gsplat_build", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "mgs.cli", "gsplat-build", "--out", str(out)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())

@@ -6,7 +6,6 @@ fake scene and partition.json (Rubble's data is not here) get the dry run past t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import time
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from test_workflow import REPO, copy_workflow, snakemake
+from test_workflow import copy_workflow, snakemake
 
 submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
 slurm_utils = pytest.importorskip("snakemake_executor_plugin_slurm.utils")
@@ -205,54 +204,24 @@ def test_gres_sites_get_gres_and_never_gpus(tmp_path):
             assert args["--gres"] == "gpu:a100:1" and args["-p"] == "gpu"
 
 
-def workflow_functions() -> dict:
-    """The plain-Python functions of workflow/rules/common.smk (paths to resources), as the
-    workflow defines them; config-free ones can be called directly."""
-    import functools
-    import hashlib
+def test_mgs_plan_prints_what_the_workflow_asks_the_queue_for(demo_workdir, demo_jobs):
+    """`mgs plan` and the workflow read one set of functions: the same memory and time per rule."""
+    import subprocess
+    import sys
 
-    source = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    start = source.rindex("\n", 0, source.index("- paths\n"))
-    keys = source.index("COMPUTE_KEYS = {")  # speed-only keys, from the configuration part
-    code = source[keys:source.index("}\n", keys) + 2]
-    code += source[start:source.index("\nwildcard_constraints:")]
-    namespace = {"functools": functools, "hashlib": hashlib, "json": json, "os": os,
-                 "Path": Path, "SimpleNamespace": SimpleNamespace, "ancient": lambda p: p}
-    exec(compile(code, "common.smk", "exec"), namespace)
-    return namespace
-
-
-def test_retries_ask_for_more_memory_and_time():
-    """The arithmetic a retried job gets (attempt 2, 3): rounded up, then times the attempt."""
-    request = workflow_functions()["_request"]
-    first, second, third = (request(a, 5400, 12) for a in (1, 2, 3))
-    assert first == {"mem_mb": 6000, "runtime": 15}
-    assert second == {"mem_mb": 12000, "runtime": 30} and third["mem_mb"] == 18000
-
-
-def test_dataset_rerun_trigger_follows_image_content_not_the_folder(tmp_path):
-    """A stray file changes nothing; an image changed deeper down changes the digest."""
-    manifest = workflow_functions()["_folder_manifest"]
-    deep = tmp_path / "data" / "train" / "images"
-    deep.mkdir(parents=True)
-    (deep / "0001.jpg").write_bytes(b"a" * 10)
-    (tmp_path / "data" / "train" / "sparse").mkdir()
-    (tmp_path / "data" / "train" / "sparse" / "cameras.bin").write_bytes(b"c")
-    before = manifest(str(tmp_path / "data"))
-    (tmp_path / "data" / "notes.md").write_text("stray")
-    (tmp_path / "data" / ".DS_Store").write_text("stray")
-    manifest.cache_clear()
-    assert manifest(str(tmp_path / "data")) == before
-    (deep / "0001.jpg").write_bytes(b"b" * 11)
-    manifest.cache_clear()
-    assert manifest(str(tmp_path / "data")) != before
-
-
-def test_speed_only_keys_are_no_rerun_trigger():
-    functions = workflow_functions()
-    scene = {"source": "images", "path": "data/x", "resolution": 1, "up": None,
-             "synthetic": {}, "sfm": {"threads": -1, "matching": "exhaustive"}}
-    keys = functions["stage_keys"]("scene", scene)
-    assert keys == functions["stage_keys"]("scene", dict(scene, sfm={**scene["sfm"], "threads": 8}))
-    assert keys != functions["stage_keys"]("scene", dict(scene, sfm={**scene["sfm"],
-                                                                     "matching": "spatial"}))
+    result = subprocess.run([sys.executable, "-m", "mgs.cli", "plan"], cwd=demo_workdir,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    rows = [dict(zip(header.split(), line.split())) for line in lines]
+    planned = {row["rule"]: row for row in rows}
+    checked = set()
+    for job in demo_jobs:
+        if job.rule in planned and "mem_mb" in job.resources:
+            row = planned[job.rule]
+            assert int(row["mem_mb"]) == job.resources["mem_mb"], job.rule
+            assert int(row["runtime_min"]) == job.resources["runtime"], job.rule
+            checked.add(job.rule)
+    assert {"train_block", "finalize_block", "evaluate"} <= checked, checked
+    train_jobs = sum(job.rule == "train_block" for job in demo_jobs)
+    assert int(planned["train_block"]["jobs"]) == train_jobs

@@ -1,68 +1,37 @@
 # Configuration checks, scene selection and input functions: all the Python of the workflow.
-import functools
-import hashlib
-import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
-import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from mgs.errors import MgsError
-from mgs.validate import check_scene
+from mgs.plan import layout, resources, settings
+from mgs.plan.config import check_workflow_config, selected_scenes
 
 # ---------------------------------------------------------------- configuration
 
 INGEST_SOURCES = ("colmap", "mill19", "urbanscene3d", "matrixcity", "transforms")
-# keys that change how fast a job runs, not what it writes: never a reason to rerun
-COMPUTE_KEYS = {
-    "train": ("device", "backend", "threads", "checkpoint_interval"),
-    "sfm": ("threads",),
-}
 
 
 def _check_config():
     """Schema check with defaults filled in; the first error names its key."""
     try:
-        validate(config, "../schemas/config.schema.yaml")
-    except WorkflowError as exc:
-        error = exc.__cause__ or exc.__context__
-        if not hasattr(error, "absolute_path"):
-            raise
-        where = ".".join(str(part) for part in error.absolute_path) or "top level"
-        raise WorkflowError(
-            f"invalid config at '{where}': {error.message} "
-            "(keys and their meaning: workflow/schemas/config.schema.yaml)"
-        ) from None
-    for name, scene in config["scenes"].items():
-        # the checks the mgs verbs run: jsonschema's minimum/maximum let NaN through
-        try:
-            check_scene(scene, f"scenes.{name}")
-        except MgsError as exc:
-            raise WorkflowError(
-                f"invalid config: {exc} "
-                "(keys and their meaning: workflow/schemas/config.schema.yaml)"
-            ) from None
-        if scene["source"] in ("synthetic", "images") and scene["resolution"] != 1:
-            raise WorkflowError(
-                f"invalid config at 'scenes.{name}.resolution': {scene['resolution']}; "
-                f"{scene['source']} scenes are made at their final size, so resolution "
-                "must be 1 (set train.resolution to train on smaller images)"
-            )
+        check_workflow_config(
+            config, Path(workflow.basedir) / "schemas" / "config.schema.yaml"
+        )
+    except MgsError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 def _selected_scenes():
     """Scenes defined by --configfile files when there are any, else every scene."""
-    names = []
-    for path in workflow.overwrite_configfiles or ():
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        scenes = data.get("scenes") if isinstance(data, dict) else None
-        names += [name for name in scenes or {} if name not in names]
-    return names or list(config["scenes"])
+    try:
+        return selected_scenes(workflow.overwrite_configfiles or (), config)
+    except MgsError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 _check_config()
@@ -131,26 +100,19 @@ os.environ.update(
 )
 
 
-def may_use_gsplat(scene):
-    train = scene["train"]
-    return train["backend"] != "torch" and train["device"] != "cpu"
-
-
 def gsplat_build_input(wildcards):
     """The built extension for a GPU job of a scene that may render with gsplat; ancient, so
     a rebuild (a wiped extensions_dir) reruns nothing downstream."""
-    if GSPLAT["build"] and may_use_gsplat(scene_config(wildcards)):
+    if GSPLAT["build"] and settings.may_use_gsplat(scene_config(wildcards)):
         return ancient(GSPLAT_BUILD)
     return []
 
 
 # ---------------------------------------------------------------- paths
 
-RUN = "results/{scene}"
-
 
 def run_path(wildcards, *parts):
-    return "/".join([RUN.format(scene=wildcards.scene), *map(str, parts)])
+    return layout.run_path(wildcards.scene, *parts)
 
 
 def coarse_checkpoint(wildcards):
@@ -181,45 +143,10 @@ def ingest_source(wildcards):
     return ancient(scene_config(wildcards)["path"])
 
 
-# files of a dataset folder that shape a scene: images, COLMAP models, transforms.json and
-# its points
-DATASET_SUFFIXES = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".tif",
-    ".tiff",
-    ".bin",
-    ".txt",
-    ".npy",
-    ".json",
-    ".ply",
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _folder_manifest(path):
-    lines = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if (
-                name.startswith(".")
-                or Path(name).suffix.lower() not in DATASET_SUFFIXES
-            ):
-                continue
-            stat = os.stat(os.path.join(root, name))
-            lines.append(
-                f"{os.path.relpath(os.path.join(root, name), path)}\t"
-                f"{stat.st_size}\t{stat.st_mtime_ns}"
-            )
-    return _digest(lines)
-
-
 def source_manifest(wildcards):
     """Digest of the dataset's image and model files (names, sizes, mtimes): a rerun trigger."""
     path = scene_config(wildcards)["path"]
-    return _folder_manifest(path) if os.path.isdir(path) else "missing"
+    return settings.folder_manifest(path) if os.path.isdir(path) else "missing"
 
 
 def ingest_dataset(wildcards):
@@ -240,72 +167,27 @@ def ingest_up(wildcards):
 
 def configure_settings(wildcards):
     """The scene's validated settings as JSON: what `mgs configure` writes to config.yaml."""
-    scene = json.loads(json.dumps(scene_config(wildcards)))  # a copy
-    if scene["partition"]["assignment"] == "ssim":
-        scene["partition"]["coarse"] = coarse_checkpoint(wildcards)
-    return json.dumps(
-        dict(scene, name=wildcards.scene), sort_keys=True, separators=(",", ":")
-    )
-
-
-def _section(scene, name, drop=()):
-    drop = set(drop) | set(COMPUTE_KEYS.get(name, ()))
-    return {k: v for k, v in scene[name].items() if k not in drop}
-
-
-def _digest(value):
-    text = json.dumps(value, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def stage_keys(stage, scene):
-    """The config values that shape a stage's outputs (compute keys left out)."""
-    base = {k: scene[k] for k in ("source", "path", "resolution", "up")}
-    if stage == "scene":
-        return dict(base, synthetic=scene["synthetic"], sfm=_section(scene, "sfm"))
-    if stage == "coarse":
-        return dict(
-            base, train=_section(scene, "train"), steps=scene["coarse_iterations"]
-        )
-    if stage == "partition":
-        return _section(scene, "partition", drop=("device",))
-    blocks = {
-        "train": _section(scene, "train"),
-        "momentum": _section(
-            scene, "momentum", drop=("rounds", "final_iterations", "keep_rounds")
-        ),
-    }
-    if stage == "blocks":  # init, train_block, sync: rounds may grow without a rerun
-        return blocks
-    m = scene["momentum"]
-    return dict(blocks, rounds=m["rounds"], final_iterations=m["final_iterations"])
+    scene = scene_config(wildcards)
+    ssim = scene["partition"]["assignment"] == "ssim"
+    coarse = coarse_checkpoint(wildcards) if ssim else None
+    return settings.configure_settings(scene, wildcards.scene, coarse)
 
 
 def stage_trigger(stage):
     """A params function: the digest of the stage's config values (rerun trigger 'params')."""
 
     def digest(wildcards):
-        return _digest(stage_keys(stage, scene_config(wildcards)))
+        return settings.digest(settings.stage_keys(stage, scene_config(wildcards)))
 
     digest.__name__ = f"{stage}_settings"
     return digest
 
 
 def report_settings(wildcards):
-    return _digest({name: config["scenes"][name]["paper"] for name in SCENES})
+    return settings.digest({name: config["scenes"][name]["paper"] for name in SCENES})
 
 
 # ---------------------------------------------------------------- blocks and rounds
-
-
-@functools.lru_cache(maxsize=None)
-def _read_block_ids(path, mtime_ns):
-    with open(path) as handle:
-        data = json.load(handle)
-    ids = [int(block["id"]) for block in data["blocks"]]
-    if not ids:
-        raise WorkflowError(f"{path} lists no blocks; check the partition settings")
-    return ids
 
 
 def partition_checkpoint(wildcards):
@@ -317,8 +199,10 @@ def partition_checkpoint(wildcards):
 
 def block_ids(wildcards):
     """Block ids from partition.json (the partition checkpoint: blocks may be merged)."""
-    path = partition_checkpoint(wildcards).output.json
-    return _read_block_ids(path, os.stat(path).st_mtime_ns)
+    try:
+        return layout.block_ids(partition_checkpoint(wildcards).output.json)
+    except MgsError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 def check_block(wildcards):
@@ -337,12 +221,7 @@ def rounds(wildcards):
 
 
 def round_state(wildcards, r, block=None, name="block"):
-    """Round r's shared state (block None), block state or decoder summary (name 'decoder');
-    round 0 is init's folder."""
-    if r == 0:
-        return run_path(wildcards, "rounds", 0)
-    name = "shared.pt" if block is None else f"{name}_{block}.pt"
-    return run_path(wildcards, "rounds", r, name)
+    return layout.round_state(wildcards.scene, r, block, name)
 
 
 def train_block_input(wildcards):
@@ -391,10 +270,9 @@ def finalize_input(wildcards):
 
 
 def final_block(wildcards, b):
-    """A block as merged: finalized, or the last round's when final_iterations is 0."""
-    if final_steps(wildcards) == 0:
-        return round_state(wildcards, rounds(wildcards), b)
-    return run_path(wildcards, "final", f"block_{b}.pt")
+    return layout.final_block(
+        wildcards.scene, b, rounds(wildcards), final_steps(wildcards)
+    )
 
 
 def merge_input(wildcards):
@@ -409,24 +287,9 @@ def report_input(wildcards):
     files = []
     for name in SCENES:
         scene = SimpleNamespace(scene=name)
-        r, ids = rounds(scene), block_ids(scene)
-        files += [run_path(scene, *p) for p in REPORT_FILES]
-        files += [
-            round_state(scene, i, b, "decoder") for i in range(1, r + 1) for b in ids
-        ]
-        files += [run_path(scene, "rounds", i, "sync.tsv") for i in range(1, r + 1)]
-        files += [final_block(scene, b) for b in ids if final_steps(scene)]
+        ids = block_ids(scene)
+        files += layout.report_files(name, rounds(scene), ids, final_steps(scene))
     return files
-
-
-REPORT_FILES = [
-    ("eval", "metrics.json"),
-    ("eval", "per_view.csv"),
-    ("config.yaml",),
-    ("partition", "partition.json"),
-    ("partition", "partition.png"),
-    ("model", "export.csv"),
-]
 
 
 def report_runs(wildcards):
@@ -440,57 +303,7 @@ def final_outputs(wildcards):
 
 
 # ---------------------------------------------------------------- cluster resources
-# What a job asks the queue for: host memory (MB) and wall time (minutes) from its camera count,
-# image size and steps, times the attempt (a job retried after running out of memory or time
-# asks for twice, then three times as much). Estimates for a GPU node; a site can still override
-# any of them with set-resources in its profile.
-
-# megapixels of a full-size image per source (rescaled by resolution and train.resolution)
-SOURCE_MPX = {"mill19": 16.0, "urbanscene3d": 20.0, "matrixcity": 1.44}
-DEFAULT_MPX = 4.0  # colmap and images scenes
-IMAGE_MB_PER_MPX = 12  # one float32 RGB image held on the host
-STEP_SECONDS = (0.03, 0.12)  # seconds per step: fixed + per megapixel (GPU rasteriser)
-
-
-def _image_mpx(scene):
-    if scene["source"] == "synthetic":
-        mpx = scene["synthetic"]["width"] * scene["synthetic"]["height"] / 1e6
-    else:
-        mpx = SOURCE_MPX.get(scene["source"], DEFAULT_MPX) / scene["resolution"] ** 2
-    return mpx / scene["train"]["resolution"] ** 2
-
-
-def _scene_counts(wildcards):
-    """(train, test) camera counts from scene.json once it exists, else a guess of 1000/100."""
-    path = run_path(wildcards, "scene", "scene.json")
-    if not os.path.isfile(path):
-        return 1000, 100
-    data = _read_json(path, os.stat(path).st_mtime_ns)
-    return len(data["train_names"]), len(data["test_names"])
-
-
-@functools.lru_cache(maxsize=None)
-def _read_json(path, mtime_ns):
-    with open(path) as handle:
-        return json.load(handle)
-
-
-def _block_cameras(wildcards):
-    path = run_path(wildcards, "partition", "partition.json")
-    data = _read_json(path, os.stat(path).st_mtime_ns)
-    block = next(b for b in data["blocks"] if int(b["id"]) == int(wildcards.b))
-    return len(block["train_cameras"]) + len(block["validation_cameras"])
-
-
-def _file_mb(paths):
-    return sum(os.path.getsize(p) for p in paths if os.path.isfile(str(p))) / 1e6
-
-
-def _request(attempt, mb, minutes):
-    """Rounded up (1 GB, 5 min steps) and scaled by the attempt."""
-    mb = -(-int(mb) // 1000) * 1000
-    minutes = -(-int(minutes) // 5) * 5
-    return {"mem_mb": mb * attempt, "runtime": minutes * attempt}
+# Memory and wall time per job: mgs.plan.resources (also printed by `mgs plan`).
 
 
 def job_request(kind):
@@ -499,39 +312,15 @@ def job_request(kind):
 
     # never a checkpoint here: an unfinished one breaks resource evaluation in Snakemake 9
     def request(wildcards, input, attempt):
-        scene = scene_config(wildcards)
-        mpx, steps = _image_mpx(scene), 0
-        if kind == "block":
-            cameras = _block_cameras(wildcards)
-            if hasattr(wildcards, "r"):  # train_block: from the previous round's block
-                r = int(wildcards.r)
-                state = round_state(wildcards, r - 1, wildcards.b) if r > 1 else ""
-                steps = scene["momentum"]["iterations_per_round"]
-            else:  # finalize_block
-                state = round_state(wildcards, rounds(wildcards), wildcards.b)
-                steps = scene["momentum"]["final_iterations"]
-            # the block's images, and its checkpoint 3 times (loaded, optimiser, written)
-            mb = 3000 + cameras * mpx * IMAGE_MB_PER_MPX + 3 * _file_mb([state])
-        elif kind == "coarse":
-            cameras, _ = _scene_counts(wildcards)
-            steps = scene["coarse_iterations"]
-            mb = 4000 + cameras * mpx * IMAGE_MB_PER_MPX
-        elif kind == "partition":
-            cameras, _ = _scene_counts(wildcards)
-            x, y, z = scene["partition"]["block_dim"]
-            mb = 8000
-            # one render per camera and block (at most 400 px a side), and one without
-            steps = cameras * (x * y * z + 1)
-        elif kind == "evaluate":
-            _, cameras = _scene_counts(wildcards)
-            mb = 6000 + 2 * cameras * mpx * IMAGE_MB_PER_MPX + 3 * _file_mb(input)
-            steps = 20 * cameras  # renders, timing repeats and LPIPS per test view
-        else:  # merge: every block's anchors at once
-            mb = 4000 + 3 * _file_mb(input)
-            # crop, concatenate, export the splats: minutes, not a loop of steps
-            steps = 600
-        seconds = steps * (STEP_SECONDS[0] + STEP_SECONDS[1] * mpx)
-        return _request(attempt, mb, 10 + seconds / 60)
+        return resources.job_request(
+            kind,
+            scene_config(wildcards),
+            wildcards.scene,
+            attempt,
+            inputs=list(input),
+            block=getattr(wildcards, "b", None),
+            round=getattr(wildcards, "r", None),
+        )
 
     return request
 

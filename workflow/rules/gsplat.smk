@@ -17,4 +17,4 @@ rule gsplat_build:
     params:
         arch=GSPLAT["arch_list"],
     shell:
-        "MAX_JOBS={threads} python -m mgs.gsplat_build --out {output} > {log} 2>&1"
+        "MAX_JOBS={threads} mgs gsplat-build --out {output} > {log} 2>&1"

@@ -1,6 +1,6 @@
 # Momentum-GS rounds: init (round 0) -> for r in 1..R: train_block per block -> sync -> after R:
 # finalize_block per block (none when final_iterations is 0). Every job reads only the previous
-# round's files. Cluster requests (memory, time, GPU) are computed in common.smk.
+# round's files. Cluster requests (memory, time, GPU): mgs/plan/resources.py.
 
 
 rule init:

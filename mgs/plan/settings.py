@@ -1,0 +1,77 @@
+"""The config values that shape each stage's outputs, and the dataset fingerprint: the digests the
+workflow's rules carry as params, so a change reruns exactly the jobs it concerns."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# keys that change how fast a job runs, not what it writes: never a reason to rerun
+COMPUTE_KEYS = {
+    "train": ("device", "backend", "threads", "checkpoint_interval"),
+    "sfm": ("threads",),
+}
+# files of a dataset folder that shape a scene: images, COLMAP models, transforms.json and its points
+DATASET_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bin", ".txt", ".npy", ".json",
+                    ".ply"}
+
+
+def may_use_gsplat(scene: dict) -> bool:
+    """Whether the scene's GPU jobs may render with gsplat (so need its built extension)."""
+    train = scene["train"]
+    return train["backend"] != "torch" and train["device"] != "cpu"
+
+
+def digest(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _section(scene: dict, name: str, drop=()) -> dict:
+    drop = set(drop) | set(COMPUTE_KEYS.get(name, ()))
+    return {k: v for k, v in scene[name].items() if k not in drop}
+
+
+def stage_keys(stage: str, scene: dict) -> dict:
+    """The config values that shape a stage's outputs (compute keys left out)."""
+    base = {k: scene[k] for k in ("source", "path", "resolution", "up")}
+    if stage == "scene":
+        return dict(base, synthetic=scene["synthetic"], sfm=_section(scene, "sfm"))
+    if stage == "coarse":
+        return dict(base, train=_section(scene, "train"), steps=scene["coarse_iterations"])
+    if stage == "partition":
+        return _section(scene, "partition", drop=("device",))
+    blocks = {
+        "train": _section(scene, "train"),
+        "momentum": _section(scene, "momentum", drop=("rounds", "final_iterations", "keep_rounds")),
+    }
+    if stage == "blocks":  # init, train_block, sync: rounds may grow without a rerun
+        return blocks
+    m = scene["momentum"]
+    return dict(blocks, rounds=m["rounds"], final_iterations=m["final_iterations"])
+
+
+def configure_settings(scene: dict, name: str, coarse: str | None = None) -> str:
+    """The scene's validated settings as JSON: what `mgs configure` writes to config.yaml."""
+    scene = json.loads(json.dumps(scene))  # a copy
+    if coarse is not None:
+        scene["partition"]["coarse"] = coarse
+    return json.dumps(dict(scene, name=name), sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=None)
+def folder_manifest(path: str) -> str:
+    """Digest of a dataset folder's image and model files (names, sizes, mtimes)."""
+    lines = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or Path(name).suffix.lower() not in DATASET_SUFFIXES:
+                continue
+            stat = os.stat(os.path.join(root, name))
+            lines.append(f"{os.path.relpath(os.path.join(root, name), path)}\t"
+                         f"{stat.st_size}\t{stat.st_mtime_ns}")
+    return digest(lines)
