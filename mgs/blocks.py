@@ -29,6 +29,7 @@ from mgs.model import Anchors, Decoder
 from mgs.momentum import (MomentumConfig, block_weights, state_distance, update_metric_ema,
                           weighted_average)
 from mgs.partition import load_partition
+from mgs.plan import layout
 from mgs.scene import load_scene
 from mgs.device import resolve_device
 from mgs.train import Trainer, new_loss_sums, spatial_lr_scale
@@ -67,22 +68,21 @@ class Run:
         return load_scene(self.root / "scene")
 
     def partition(self):
-        return load_partition(self.root / "partition" / "partition.json")
+        return load_partition(self.root / layout.file("partition"))
 
     def shared_path(self, round_index: int) -> Path:
-        return self.root / "rounds" / str(round_index) / "shared.pt"
+        return self.root / layout.file("shared", r=round_index)
 
     def block_path(self, round_index: int, block: int) -> Path:
-        return self.root / "rounds" / str(round_index) / f"block_{block}.pt"
+        return self.root / layout.file("block", r=round_index, b=block)
 
     def decoder_path(self, round_index: int, block: int) -> Path:
-        return self.root / "rounds" / str(round_index) / f"decoder_{block}.pt"
+        return self.root / layout.file("decoder", r=round_index, b=block)
 
     def final_path(self, block: int) -> Path:
         """The block as merged: after finalize, or after the last round without one."""
-        if self.momentum.final_iterations == 0:
-            return self.block_path(self.momentum.rounds, block)
-        return self.root / "final" / f"block_{block}.pt"
+        return self.root / layout.merged_block(block, self.momentum.rounds,
+                                               self.momentum.final_iterations)
 
     def load(self, path: Path) -> dict:
         return load_checkpoint(path, self.config_hash)
@@ -280,7 +280,7 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     teacher_gap = state_distance(average, teacher)
     rows = [_sync_row(round_index, b, blocks[b], last_psnr[b], average, teacher_gap, psnr_ema[b],
                       ssim_ema[b], weights[b]) for b in range(n)]
-    write_tsv(run.shared_path(round_index).with_name("sync.tsv"), rows)
+    write_tsv(run.root / layout.file("sync_table", r=round_index), rows)
     for row in rows:
         log.info("round %d block %d: PSNR %.2f (start %.2f) SSIM %.4f weight %.4f, "
                  "consistency %.2f of photometric, drift %.3g", round_index, row["block"],
@@ -297,7 +297,7 @@ def prune_rounds(run: Run, last: int) -> None:
     if last < 0:
         return
     freed = 0
-    init_dir = run.root / "rounds" / "0"
+    init_dir = run.root / layout.file("init")
     if init_dir.is_dir():  # init's output is one folder: removed whole, so a workflow regenerates
         staging = init_dir.with_name(".0.removing")  # it on demand instead of trusting a husk
         shutil.rmtree(staging, ignore_errors=True)

@@ -82,6 +82,8 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (same result as an uninterrupted run)")
+    p.add_argument("--work", help="folder for the periodic checkpoints, continued from when one "
+                                  "is there; OUT/checkpoint.pt is written once training ends")
     p.set_defaults(func=_run_train)
 
 
@@ -94,7 +96,7 @@ def _run_train(args) -> None:
     apply_overrides(values, args, ("iterations", "device"), "train")
     config = TrainConfig.from_dict(values, source=args.config or "command line")
     refuse_overlap(args.out, {"scene folder": args.scene, "config file": args.config})
-    summary = train_scene(args.scene, args.out, config, resume=args.resume)
+    summary = train_scene(args.scene, args.out, config, resume=args.resume, work_dir=args.work)
     print(json_text(summary), end="")
 
 

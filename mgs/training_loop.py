@@ -44,15 +44,21 @@ def initial_anchors(scene: Scene, config: TrainConfig) -> Anchors:
 
 
 def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
-                resume: bool = False, stop_after: int | None = None) -> dict:
+                resume: bool = False, stop_after: int | None = None,
+                work_dir: str | Path | None = None) -> dict:
     """Train one model on the whole scene; returns the final summary (also in summary.json).
 
     `stop_after` ends the run early at that step after checkpointing, as an interruption would.
+    With `work_dir` the periodic checkpoints go there and training continues from one found
+    there (of the same configuration); OUT gets checkpoint.pt only when training ends, so a
+    workflow that deletes a failed job's outputs keeps the progress.
     """
-    if resume and not (Path(out_dir) / CHECKPOINT_NAME).is_file():
-        raise InputError(f"--resume: there is no checkpoint {Path(out_dir) / CHECKPOINT_NAME} to "
+    work = Path(work_dir) if work_dir else Path(out_dir)
+    if resume and not (work / CHECKPOINT_NAME).is_file():
+        raise InputError(f"--resume: there is no checkpoint {work / CHECKPOINT_NAME} to "
                          "continue from; run without --resume to start training")
     out_dir = ensure_writable_dir(out_dir)
+    work = ensure_writable_dir(work)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -72,10 +78,17 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
                       spatial_lr_scale(scene.train_cameras()), device,
                       appearance=AppearanceImages.from_scene(scene))
     history: list[dict] = []
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    if resume and checkpoint_path.exists():
+    checkpoint_path = work / CHECKPOINT_NAME
+    state = None
+    if work_dir and not resume and checkpoint_path.exists():
+        try:
+            state = load_checkpoint(checkpoint_path, config.shape_hash())
+        except InputError as exc:
+            log.info("not resuming: %s", exc)
+    elif resume and checkpoint_path.exists():
         # loaded on the CPU: load_state moves the tensors that belong on `device` there
         state = load_checkpoint(checkpoint_path, config.shape_hash())
+    if state is not None:
         trainer.load_state(state)
         history = list(state.get("history", []))
         log.info("resumed from %s at step %d", checkpoint_path, trainer.step)
@@ -85,15 +98,18 @@ def train_scene(scene_dir: str | Path, out_dir: str | Path, config: TrainConfig,
     log.info("training %d anchors on %d views (%d test) for %d steps on %s",
              trainer.anchors.count, len(train_views), len(val_views), config.iterations, device)
 
-    def save(step_history):
-        save_checkpoint(checkpoint_path, dict(trainer.state(), history=step_history,
-                                              config=config.to_dict()), config.shape_hash())
-        write_tsv(out_dir / HISTORY_NAME, step_history)
+    def save(step_history, path=checkpoint_path, folder=work):
+        save_checkpoint(path, dict(trainer.state(), history=step_history,
+                                   config=config.to_dict()), config.shape_hash())
+        write_tsv(folder / HISTORY_NAME, step_history)
 
     if not history:  # the untrained model's score anchors the trend
         history.append(dict(step=0, loss=float("nan"), **_scores(trainer, val_views),
                             anchors=trainer.anchors.count, seconds=0.0))
     run_training(trainer, config.iterations, val_views, history, save, stop_after)
+    if work != out_dir and trainer.step >= config.iterations:
+        save(history, out_dir / CHECKPOINT_NAME, out_dir)
+        checkpoint_path.unlink()
 
     last = history[-1]  # run_training validated at its last step
     summary = {"step": trainer.step, "test_psnr": last["val_psnr"], "test_ssim": last["val_ssim"],

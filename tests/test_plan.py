@@ -3,6 +3,8 @@ Python (what workflow/rules/common.smk calls)."""
 
 import json
 
+import pytest
+
 from mgs.plan import layout
 from mgs.plan.resources import job_request, scaled_request
 from mgs.plan.settings import folder_manifest, stage_keys
@@ -16,21 +18,46 @@ def test_retries_ask_for_more_memory_and_time():
 
 
 def test_dataset_rerun_trigger_follows_image_content_not_the_folder(tmp_path):
-    """A stray file changes nothing; an image changed deeper down changes the digest."""
-    manifest = folder_manifest
+    """A stray file, a touch, a copy or a move change nothing; an image changed deeper down, even
+    at the same size, changes the digest."""
+    import os
+    import shutil
+
+    cache = str(tmp_path / "digests.json")
+
+    def manifest(path):
+        folder_manifest.cache_clear()
+        return folder_manifest(str(path), cache)
+
     deep = tmp_path / "data" / "train" / "images"
     deep.mkdir(parents=True)
     (deep / "0001.jpg").write_bytes(b"a" * 10)
     (tmp_path / "data" / "train" / "sparse").mkdir()
     (tmp_path / "data" / "train" / "sparse" / "cameras.bin").write_bytes(b"c")
-    before = manifest(str(tmp_path / "data"))
+    before = manifest(tmp_path / "data")
     (tmp_path / "data" / "notes.md").write_text("stray")
     (tmp_path / "data" / ".DS_Store").write_text("stray")
-    manifest.cache_clear()
-    assert manifest(str(tmp_path / "data")) == before
-    (deep / "0001.jpg").write_bytes(b"b" * 11)
-    manifest.cache_clear()
-    assert manifest(str(tmp_path / "data")) != before
+    os.utime(deep / "0001.jpg", ns=(1, 1))  # a touch (here: back to 1970)
+    assert manifest(tmp_path / "data") == before
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")  # new mtimes, another path
+    assert manifest(tmp_path / "copy") == before
+    (tmp_path / "copy").rename(tmp_path / "moved")
+    assert manifest(tmp_path / "moved") == before
+    (deep / "0001.jpg").write_bytes(b"b" * 10)
+    assert manifest(tmp_path / "data") != before
+    assert str(deep / "0001.jpg") in json.loads((tmp_path / "digests.json").read_text())
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
+    import mgs.images
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "0001.jpg").write_bytes(b"a" * 10)
+    cache = str(tmp_path / "digests.json")
+    first = folder_manifest(str(tmp_path / "data"), cache)
+    folder_manifest.cache_clear()
+    monkeypatch.setattr(mgs.images, "file_digest", lambda path: pytest.fail(f"re-read {path}"))
+    assert folder_manifest(str(tmp_path / "data"), cache) == first
 
 
 def test_speed_only_keys_are_no_rerun_trigger():

@@ -60,6 +60,24 @@ def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(tiny_scene, tmp_p
         assert torch.equal(value, tensors_b[key]), key
 
 
+def test_a_work_folder_keeps_the_progress_outside_the_output(tiny_scene, tmp_path):
+    """The workflow's coarse job: periodic checkpoints in --work, continued from there after a
+    kill (the workflow deletes the job's output, never --work); OUT gets the finished model."""
+    config = small_config()
+    out, work = tmp_path / "coarse", tmp_path / "coarse" / "partial"
+    train_scene(tiny_scene, out, config, stop_after=20, work_dir=work)
+    assert not (out / CHECKPOINT_NAME).exists()
+    assert load_checkpoint(work / CHECKPOINT_NAME)["step"] == 20
+    train_scene(tiny_scene, out, config, work_dir=work)  # no --resume: the work folder says
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 40
+    assert not (work / CHECKPOINT_NAME).exists()
+    train_scene(tiny_scene, tmp_path / "straight", config)
+    straight = dict(_flat_tensors(load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)))
+    resumed = dict(_flat_tensors(load_checkpoint(out / CHECKPOINT_NAME)))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(value, resumed[key]) for key, value in straight.items())
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_scene, tmp_path):
     train_scene(tiny_scene, tmp_path, small_config(), stop_after=20)
     before = (tmp_path / CHECKPOINT_NAME).read_bytes()

@@ -37,7 +37,9 @@ def _section(scene: dict, name: str, drop=()) -> dict:
 
 def stage_keys(stage: str, scene: dict) -> dict:
     """The config values that shape a stage's outputs (compute keys left out)."""
-    base = {k: scene[k] for k in ("source", "path", "resolution", "up")}
+    # not the dataset's path: its content fingerprint (folder_manifest) is the trigger, so a
+    # copy or a move of the data reruns nothing
+    base = {k: scene[k] for k in ("source", "resolution", "up")}
     if stage == "scene":
         return dict(base, synthetic=scene["synthetic"], sfm=_section(scene, "sfm"))
     if stage == "coarse":
@@ -62,16 +64,51 @@ def configure_settings(scene: dict, name: str, coarse: str | None = None) -> str
     return json.dumps(dict(scene, name=name), sort_keys=True, separators=(",", ":"))
 
 
+DIGEST_CACHE = "results/.dataset_digests.json"  # path -> (size, mtime, content digest)
+
+
 @functools.lru_cache(maxsize=None)
-def folder_manifest(path: str) -> str:
-    """Digest of a dataset folder's image and model files (names, sizes, mtimes)."""
-    lines = []
+def folder_manifest(path: str, cache: str | None = DIGEST_CACHE) -> str:
+    """Digest of a dataset folder's image and model files: names relative to the folder, sizes
+    and content hashes, so a copy, a move or a `touch` changes nothing. A file's hash is cached
+    by its absolute path, size and mtime in `cache` (None: no cache), so an unchanged file is
+    read once."""
+    from mgs.images import file_digest
+
+    known = _load_digests(cache)
+    lines, fresh = [], 0
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or Path(name).suffix.lower() not in DATASET_SUFFIXES:
                 continue
-            stat = os.stat(os.path.join(root, name))
-            lines.append(f"{os.path.relpath(os.path.join(root, name), path)}\t"
-                         f"{stat.st_size}\t{stat.st_mtime_ns}")
+            full = os.path.abspath(os.path.join(root, name))
+            stat = os.stat(full)
+            stamp = [stat.st_size, stat.st_mtime_ns]
+            entry = known.get(full)
+            if not entry or entry[:2] != stamp:
+                entry = known[full] = [*stamp, file_digest(Path(full))]
+                fresh += 1
+            lines.append(f"{os.path.relpath(full, os.path.abspath(path))}\t{stat.st_size}\t"
+                         f"{entry[2]}")
+    if fresh and cache:
+        _save_digests(cache, known)
     return digest(lines)
+
+
+def _load_digests(cache: str | None) -> dict:
+    if not cache or not os.path.isfile(cache):
+        return {}
+    try:
+        with open(cache) as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a damaged cache only costs a re-read
+
+
+def _save_digests(cache: str, known: dict) -> None:
+    from mgs.atomic import write_text
+
+    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+    write_text(cache, json.dumps(known, sort_keys=True))

@@ -9,6 +9,8 @@ from snakemake.exceptions import WorkflowError
 
 from mgs.errors import MgsError
 from mgs.plan import layout, resources, settings
+from mgs.plan.layout import run_file
+from mgs.plan.rerun import one_block_target, rerun_guard
 from mgs.plan.config import check_workflow_config, selected_scenes
 
 # ---------------------------------------------------------------- configuration
@@ -111,20 +113,21 @@ def gsplat_build_input(wildcards):
 # ---------------------------------------------------------------- paths
 
 
-def run_path(wildcards, *parts):
-    return layout.run_path(wildcards.scene, *parts)
-
-
 def coarse_checkpoint(wildcards):
     """The ssim coarse model: the configured checkpoint, or the one rule coarse trains."""
     partition = scene_config(wildcards)["partition"]
-    return partition["coarse"] or run_path(wildcards, "coarse", "checkpoint.pt")
+    return partition["coarse"] or run_file("coarse", wildcards.scene)
+
+
+def coarse_work(wildcards):
+    """The coarse job's periodic checkpoints: beside its output, so a retry continues."""
+    return run_file("coarse_work", wildcards.scene)
 
 
 def partition_input(wildcards):
     inputs = {
-        "config": ancient(run_path(wildcards, "config.yaml")),
-        "scene": run_path(wildcards, "scene", "scene.json"),
+        "config": ancient(run_file("config", wildcards.scene)),
+        "scene": run_file("scene", wildcards.scene),
     }
     if scene_config(wildcards)["partition"]["assignment"] == "ssim":
         inputs["coarse"] = coarse_checkpoint(wildcards)
@@ -256,9 +259,12 @@ def final_steps(wildcards):
 
 def finalize_input(wildcards):
     if final_steps(wildcards) == 0:
+        momentum = scene_config(wildcards)["momentum"]
+        target = one_block_target(wildcards.scene, wildcards.b, momentum)
         raise WorkflowError(
-            f"scene {wildcards.scene} has momentum.final_iterations 0: no finalize job "
-            f"(merge reads results/{wildcards.scene}/rounds/{rounds(wildcards)}/)"
+            f"scene {wildcards.scene} has momentum.final_iterations 0: no finalize job; "
+            f"block {wildcards.b} as merged is its last round's, so rerun that one: "
+            f"snakemake -R {target}"
         )
     check_block(wildcards)
     last = rounds(wildcards)
@@ -276,9 +282,11 @@ def final_block(wildcards, b):
 
 
 def merge_input(wildcards):
+    """The merged blocks, the partition, and the last round's shared decoder (the model's)."""
     return {
         "blocks": [final_block(wildcards, b) for b in block_ids(wildcards)],
-        "partition": run_path(wildcards, "partition", "partition.json"),
+        "shared": round_state(wildcards, rounds(wildcards)),
+        "partition": run_file("partition", wildcards.scene),
     }
 
 
@@ -293,12 +301,12 @@ def report_input(wildcards):
 
 
 def report_runs(wildcards):
-    return " ".join(f"results/{name}" for name in SCENES)
+    return " ".join(layout.run_path(name) for name in SCENES)
 
 
 def final_outputs(wildcards):
     return ["results/report/report.html"] + [
-        f"results/{name}/eval/metrics.json" for name in SCENES
+        run_file("metrics", name) for name in SCENES
     ]
 
 
@@ -349,6 +357,21 @@ def gpu(rule):
         return 0 if "gres" in list(site.keys()) else 1
 
     return count
+
+
+def check_rerun():
+    """Stop a -R rerun that would retrain blocks nobody named (mgs.plan.rerun)."""
+    jobs = [
+        (job.rule.name, dict(job.wildcards_dict)) for job in workflow.dag.needrun_jobs()
+    ]
+    forced = workflow.dag_settings.forcerun or ()
+    message = rerun_guard(jobs, forced, config["scenes"], config["allow_full_rerun"])
+    if message:
+        raise WorkflowError(message)
+
+
+onstart:
+    check_rerun()
 
 
 wildcard_constraints:

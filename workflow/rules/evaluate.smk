@@ -3,18 +3,18 @@
 
 rule evaluate:
     input:
-        config=ancient("results/{scene}/config.yaml"),
-        decoder="results/{scene}/model/decoder.pt",
-        anchors="results/{scene}/model/anchors.ply",
+        config=ancient(run_file("config")),
+        decoder=run_file("model_decoder"),
+        anchors=run_file("model_anchors"),
         gsplat=gsplat_build_input,
     output:
         metrics=report(
-            "results/{scene}/eval/metrics.json",
+            run_file("metrics"),
             caption="../report/metrics.rst",
             category="Metrics",
             labels={"scene": "{scene}", "file": "metrics.json"},
         ),
-        per_view="results/{scene}/eval/per_view.csv",
+        per_view=run_file("per_view"),
     log:
         "results/{scene}/logs/evaluate.log",
     benchmark:

@@ -6,11 +6,11 @@
 rule merge:
     input:
         unpack(merge_input),
-        config=ancient("results/{scene}/config.yaml"),
+        config=ancient(run_file("config")),
     output:
-        decoder="results/{scene}/model/decoder.pt",
-        anchors="results/{scene}/model/anchors.ply",
-        splats="results/{scene}/model/splats.ply",
+        decoder=run_file("model_decoder"),
+        anchors=run_file("model_anchors"),
+        splats=run_file("splats"),
     log:
         "results/{scene}/logs/merge.log",
     benchmark:
@@ -31,12 +31,12 @@ rule merge:
 # PSNR of the test views rendered from it beside the PLY's (model/export.csv, in the report).
 rule export:
     input:
-        config=ancient("results/{scene}/config.yaml"),
-        splats="results/{scene}/model/splats.ply",
+        config=ancient(run_file("config")),
+        splats=run_file("splats"),
         gsplat=gsplat_build_input,
     output:
-        splat="results/{scene}/model/splats.splat",
-        table="results/{scene}/model/export.csv",
+        splat=run_file("splat"),
+        table=run_file("export_table"),
     log:
         "results/{scene}/logs/export.log",
     benchmark:

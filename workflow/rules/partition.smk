@@ -4,11 +4,11 @@
 
 rule coarse:
     input:
-        config=ancient("results/{scene}/config.yaml"),
-        scene="results/{scene}/scene/scene.json",
+        config=ancient(run_file("config")),
+        scene=run_file("scene"),
         gsplat=gsplat_build_input,
     output:
-        "results/{scene}/coarse/checkpoint.pt",
+        run_file("coarse"),
     log:
         "results/{scene}/logs/coarse.log",
     benchmark:
@@ -22,21 +22,22 @@ rule coarse:
     params:
         scene=subpath(input.scene, parent=True),
         out=subpath(output[0], parent=True),
+        work=coarse_work,
         steps=coarse_steps,
         settings=stage_trigger("coarse"),
     shell:
-        "mgs train --scene {params.scene} --out {params.out} --config {input.config} "
-        "--iterations {params.steps} > {log} 2>&1"
+        "mgs train --scene {params.scene} --out {params.out} --work {params.work} "
+        "--config {input.config} --iterations {params.steps} > {log} 2>&1"
 
 
 checkpoint partition:
     input:
         unpack(partition_input),
     output:
-        json="results/{scene}/partition/partition.json",
-        tsv="results/{scene}/partition/partition.tsv",
+        json=run_file("partition"),
+        tsv=run_file("partition_table"),
         png=report(
-            "results/{scene}/partition/partition.png",
+            run_file("partition_plot"),
             caption="../report/partition.rst",
             category="Partition",
             labels={"scene": "{scene}"},
@@ -64,10 +65,10 @@ checkpoint partition_ssim:
     input:
         unpack(partition_input),
     output:
-        json="results/{scene}/partition/partition.json",
-        tsv="results/{scene}/partition/partition.tsv",
+        json=run_file("partition"),
+        tsv=run_file("partition_table"),
         png=report(
-            "results/{scene}/partition/partition.png",
+            run_file("partition_plot"),
             caption="../report/partition.rst",
             category="Partition",
             labels={"scene": "{scene}"},

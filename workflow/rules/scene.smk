@@ -8,7 +8,7 @@
 # changes).
 checkpoint configure:
     output:
-        update("results/{scene}/config.yaml"),
+        update(run_file("config")),
     log:
         "results/{scene}/logs/configure.log",
     benchmark:
@@ -23,9 +23,9 @@ checkpoint configure:
 
 rule scene_synthetic:
     input:
-        config=ancient("results/{scene}/config.yaml"),
+        config=ancient(run_file("config")),
     output:
-        "results/{scene}/scene/scene.json",
+        run_file("scene"),
     log:
         "results/{scene}/logs/scene.log",
     benchmark:
@@ -43,10 +43,10 @@ rule scene_synthetic:
 
 rule scene_images:
     input:
-        config=ancient("results/{scene}/config.yaml"),
+        config=ancient(run_file("config")),
         images=ingest_source,
     output:
-        "results/{scene}/scene/scene.json",
+        run_file("scene"),
     log:
         "results/{scene}/logs/scene.log",
     benchmark:
@@ -66,10 +66,10 @@ rule scene_images:
 
 rule scene_ingest:
     input:
-        config=ancient("results/{scene}/config.yaml"),
+        config=ancient(run_file("config")),
         source=ingest_source,
     output:
-        "results/{scene}/scene/scene.json",
+        run_file("scene"),
     log:
         "results/{scene}/logs/scene.log",
     benchmark:

@@ -5,11 +5,11 @@
 
 rule init:
     input:
-        config=ancient("results/{scene}/config.yaml"),
-        scene="results/{scene}/scene/scene.json",
-        partition="results/{scene}/partition/partition.json",
+        config=ancient(run_file("config")),
+        scene=run_file("scene"),
+        partition=run_file("partition"),
     output:
-        directory("results/{scene}/rounds/0"),
+        directory(run_file("init")),
     log:
         "results/{scene}/logs/init.log",
     benchmark:
@@ -26,11 +26,11 @@ rule init:
 rule train_block:
     input:
         unpack(train_block_input),
-        config=ancient("results/{scene}/config.yaml"),
+        config=ancient(run_file("config")),
     output:
-        block="results/{scene}/rounds/{r}/block_{b}.pt",
+        block=run_file("block"),
         # student, teacher and metrics only: what sync reads
-        decoder="results/{scene}/rounds/{r}/decoder_{b}.pt",
+        decoder=run_file("decoder"),
     log:
         "results/{scene}/logs/train_block/round_{r}/block_{b}.log",
     benchmark:
@@ -55,10 +55,10 @@ rule train_block:
 rule sync:
     input:
         unpack(sync_input),
-        config=ancient("results/{scene}/config.yaml"),
+        config=ancient(run_file("config")),
     output:
-        shared="results/{scene}/rounds/{r}/shared.pt",
-        table="results/{scene}/rounds/{r}/sync.tsv",
+        shared=run_file("shared"),
+        table=run_file("sync_table"),
     log:
         "results/{scene}/logs/sync/round_{r}.log",
     benchmark:
@@ -75,9 +75,9 @@ rule sync:
 rule finalize_block:
     input:
         unpack(finalize_input),
-        config=ancient("results/{scene}/config.yaml"),
+        config=ancient(run_file("config")),
     output:
-        "results/{scene}/final/block_{b}.pt",
+        run_file("final"),
     log:
         "results/{scene}/logs/finalize_block/block_{b}.log",
     benchmark:
