@@ -6,15 +6,43 @@ import json
 import pytest
 
 from mgs.plan import layout
-from mgs.plan.resources import job_request, scaled_request
+from mgs.plan.resources import gpu_constraint, job_request, scaled_request
+from mgs.plan.rerun import rerun_guard
 from mgs.plan.settings import folder_manifest, stage_keys
 
 
 def test_retries_ask_for_more_memory_and_time():
     """The arithmetic a retried job gets (attempt 2, 3): rounded up, then times the attempt."""
-    first, second, third = (scaled_request(a, 5400, 12) for a in (1, 2, 3))
+    first, second, third = (scaled_request(a, 5400, 12, "both") for a in (1, 2, 3))
     assert first == {"mem_mb": 6000, "runtime": 15}
     assert second == {"mem_mb": 12000, "runtime": 30} and third["mem_mb"] == 18000
+    assert scaled_request(2, 5400, 12, "time") == {"mem_mb": 6000, "runtime": 30}
+    assert scaled_request(2, 5400, 12, "memory") == {"mem_mb": 12000, "runtime": 15}
+
+
+@pytest.mark.parametrize("log, cause", [
+    ("step 900/1000\nmgs train-block: stopped on SIGTERM after step 912 with a checkpoint", "time"),
+    ("slurmstepd: error: *** JOB 7 ON n1 CANCELLED AT 2026 DUE TO TIME LIMIT ***", "time"),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "gpu"),
+    ("training 4000 anchors\nstep 400/1000", "memory"),  # killed without a word
+    (None, "both"),
+])
+def test_a_retry_grows_what_the_last_attempt_ran_out_of(tmp_path, monkeypatch, log, cause):
+    monkeypatch.chdir(tmp_path)
+    scene = {"source": "synthetic", "resolution": 1, "synthetic": {"width": 1000, "height": 1000},
+             "train": {"resolution": 1}, "coarse_iterations": 1000,
+             "momentum": {"iterations_per_round": 100, "rounds": 2, "final_iterations": 0},
+             "cluster": {"constraint": "a40", "retry_constraint": "a100_80g"}}
+    if log is not None:
+        path = tmp_path / layout.run_path("s", "logs", "coarse.log")
+        path.parent.mkdir(parents=True)
+        path.write_text(log)
+    first = job_request("coarse", scene, "s")
+    second = job_request("coarse", scene, "s", attempt=2)
+    assert second["ran_out"] == cause
+    assert (second["mem_mb"] > first["mem_mb"]) == (cause in ("memory", "both"))
+    assert (second["runtime"] > first["runtime"]) == (cause in ("time", "both"))
+    assert gpu_constraint(scene, 2, cause) == ("a100_80g" if cause == "gpu" else "a40")
 
 
 def test_dataset_rerun_trigger_follows_image_content_not_the_folder(tmp_path):
@@ -78,16 +106,17 @@ def test_a_block_request_counts_its_cameras_and_its_last_checkpoint(tmp_path, mo
     partition.parent.mkdir(parents=True)
     partition.write_text(json.dumps({"blocks": [
         {"id": 3, "train_cameras": ["a"] * 90, "validation_cameras": ["b"] * 10}]}))
-    first = job_request("block", scene, "s", block=3, round=1)
-    assert first["mem_mb"] == 5000  # 3,000 + 100 one-megapixel images of 12 MB, rounded up
+    first = job_request("train_block", scene, "s", block=3, round=1)
+    assert first["mem_mb"] == 4000  # 3,000 + 100 one-megapixel uint8 images of 3 MB, rounded up
     state = tmp_path / layout.round_state("s", 1, 3)
     state.parent.mkdir(parents=True)
     with open(state, "wb") as handle:
         handle.truncate(1_000_000_000)  # sparse: a 1 GB checkpoint on no disk
-    second = job_request("block", scene, "s", block=3, round=2)
-    assert second["mem_mb"] == 8000  # 4,200 + the checkpoint three times, rounded up
-    assert job_request("block", scene, "s", block=3, round=2, attempt=2)["mem_mb"] == \
-        2 * second["mem_mb"]
+    second = job_request("train_block", scene, "s", block=3, round=2)
+    assert second["mem_mb"] == 7000  # 3,300 + the checkpoint three times, rounded up
+    assert second["gpu_mem_mb"] == 5000  # 1,000 + images 300 + state twice + 1,500 render, up
+    assert job_request("train_block", scene, "s", block=3, round=2, attempt=2)["mem_mb"] == \
+        2 * second["mem_mb"]  # no log: both grow
 
 
 def test_the_merged_blocks_are_the_last_round_without_final_steps():
@@ -97,3 +126,38 @@ def test_the_merged_blocks_are_the_last_round_without_final_steps():
     files = layout.report_files("s", 2, [0, 1], final_iterations=0)
     assert "results/s/rounds/2/decoder_1.pt" in files and "results/s/rounds/1/sync.tsv" in files
     assert not any("/final/" in f for f in files)
+
+
+def _jobs(scene, rounds, blocks, final=False):
+    jobs = [("train_block", {"scene": scene, "r": str(r), "b": str(b)})
+            for r in rounds for b in blocks]
+    jobs += [("sync", {"scene": scene, "r": str(r)}) for r in rounds]
+    if final:
+        jobs += [("finalize_block", {"scene": scene, "b": str(b)}) for b in blocks]
+    return jobs + [("merge", {"scene": scene})]
+
+
+SCENES = {"rubble": {"momentum": {"rounds": 120, "final_iterations": 0, "keep_rounds": 2}}}
+
+
+def test_a_rerun_of_the_named_block_alone_passes():
+    jobs = _jobs("rubble", [120], [3])
+    assert rerun_guard(jobs, ["results/rubble/rounds/120/block_3.pt"], SCENES) is None
+    assert rerun_guard(_jobs("rubble", range(1, 121), range(8)), [], SCENES) is None  # no -R
+
+
+def test_a_rerun_that_rebuilds_pruned_rounds_stops_and_says_why():
+    jobs = _jobs("rubble", range(1, 121), range(8))
+    message = rerun_guard(jobs, ["results/rubble/rounds/119/block_3.pt"], SCENES)
+    assert "would run 1081 jobs (960 train_block, 120 sync, 1 merge)" in message
+    assert "keep_rounds (2) removed" in message and "rounds 1-118 of every block" in message
+    assert "-R results/rubble/rounds/120/block_3.pt" in message
+    assert "--config allow_full_rerun=true" in message
+    assert rerun_guard(jobs, ["results/rubble/rounds/119/block_3.pt"], SCENES, allow=True) is None
+
+
+def test_a_rerun_of_an_older_round_names_the_later_rounds():
+    jobs = _jobs("rubble", [119], [3]) + _jobs("rubble", [120], range(8))
+    message = rerun_guard(jobs, ["results/rubble/rounds/119/block_3.pt"], SCENES)
+    assert "block(s) 0, 1, 2, 4, 5, 6, 7 of scene rubble" in message
+    assert "later round" in message

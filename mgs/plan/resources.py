@@ -1,7 +1,9 @@
-"""What a job asks the queue for: host memory (MB) and wall time (minutes) from its camera count,
-image size and steps, times the attempt (a job retried after running out of memory or time asks for
-twice, then three times as much). Estimates for a GPU node; a site can still override any of them
-with set-resources in its profile."""
+"""What a job asks the queue for: host memory (MB), wall time (minutes) and GPU memory (MB) from
+its camera count, image size, steps and checkpoint size. A retry asks for more of what ran out:
+the previous attempt's log tells a time limit (mgs stops on SLURM's SIGTERM and says so) from a
+memory kill (the log just ends); a GPU that ran out of memory is retried on `cluster.
+retry_constraint` GPUs where the scene names them. Estimates for a GPU node; a site can still
+override any of them with set-resources in its profile; `mgs plan` prints them."""
 
 from __future__ import annotations
 
@@ -11,13 +13,24 @@ import os
 
 from mgs.plan.layout import round_state, run_path
 
-KINDS = ("block", "coarse", "partition", "evaluate", "merge")
+# rule -> what its job holds
+RULE_KIND = {"train_block": "block", "finalize_block": "block", "coarse": "coarse",
+             "partition_ssim": "partition", "evaluate": "evaluate", "export": "evaluate",
+             "merge": "merge", "gsplat_build": "gsplat_build"}
+KINDS = tuple(sorted(set(RULE_KIND.values())))
+# each rule's log inside the run folder (the rules declare the same): read on a retry
+LOGS = {"train_block": "logs/train_block/round_{r}/block_{b}.log",
+        "finalize_block": "logs/finalize_block/block_{b}.log", "coarse": "logs/coarse.log",
+        "partition_ssim": "logs/partition.log", "evaluate": "logs/evaluate.log",
+        "export": "logs/export.log", "merge": "logs/merge.log"}
 # megapixels of a full-size image per source (rescaled by resolution and train.resolution)
 SOURCE_MPX = {"mill19": 16.0, "urbanscene3d": 20.0, "matrixcity": 1.44}
 DEFAULT_MPX = 4.0  # colmap and images scenes
-IMAGE_MB_PER_MPX = 12  # one float32 RGB image held on the host
-STEP_SECONDS = (0.03, 0.12)  # seconds per step: fixed + per megapixel (GPU rasteriser)
+IMAGE_MB_PER_MPX = 3  # one uint8 RGB image (host view cache, and on the GPU)
+RENDER_MB_PER_MPX = 1500  # a step's render buffers and gradients per megapixel of image (GPU)
+STEP_SECONDS = (0.03, 0.12)  # seconds per step: fixed + per megapixel (GPU rasteriser; unmeasured)
 UNKNOWN_COUNTS = (1000, 100)  # (train, test) cameras before scene.json exists
+GSPLAT_BUILD = {"mem_mb": 16000, "runtime": 60}
 
 
 def image_mpx(scene: dict) -> float:
@@ -59,20 +72,35 @@ def file_mb(paths) -> float:
     return sum(os.path.getsize(p) for p in paths if os.path.isfile(str(p))) / 1e6
 
 
-def scaled_request(attempt: int, mb: float, minutes: float) -> dict:
-    """Rounded up (1 GB, 5 min steps) and scaled by the attempt."""
+def scaled_request(attempt: int, mb: float, minutes: float, ran_out: str = "memory") -> dict:
+    """Rounded up (1 GB, 5 min steps); a retry scales what ran out ('memory' or 'time') by the
+    attempt, and both when the cause is unknown ('both')."""
     mb = -(-int(mb) // 1000) * 1000
     minutes = -(-int(minutes) // 5) * 5
-    return {"mem_mb": mb * attempt, "runtime": minutes * attempt}
+    grow_mb = attempt if ran_out in ("memory", "both") else 1
+    grow_time = attempt if ran_out in ("time", "both") else 1
+    return {"mem_mb": mb * grow_mb, "runtime": minutes * grow_time}
 
 
-def job_request(kind: str, scene: dict, name: str, attempt: int = 1, inputs=(), block=None,
-                round=None, cameras: int | None = None) -> dict:
-    """Memory and runtime of a job of `kind` (KINDS) of the scene `name` with settings `scene`:
-    block (train_block with `round`, finalize_block without), coarse, partition (ssim renders),
-    evaluate (and export), merge. `inputs` are the job's input files (their sizes count);
-    `cameras` a block's camera count where partition.json does not exist yet."""
-    mpx, steps = image_mpx(scene), 0
+def ran_out(log_path: str | None) -> str:
+    """What ended the previous attempt, from its log: 'time' (stopped on SIGTERM: SLURM's time
+    limit), 'gpu' (CUDA out of memory), 'memory' (killed without a word: the memory limit) or
+    'both' (no log to tell)."""
+    if not log_path or not os.path.isfile(log_path):
+        return "both"
+    with open(log_path, "rb") as handle:
+        handle.seek(max(0, os.path.getsize(log_path) - 20000))
+        tail = handle.read().decode(errors="replace")
+    if "SIGTERM" in tail or "DUE TO TIME LIMIT" in tail:
+        return "time"
+    if "CUDA out of memory" in tail or "OutOfMemoryError" in tail:
+        return "gpu"
+    return "memory"
+
+
+def _job_size(kind: str, scene: dict, name: str, inputs, block, round, cameras):
+    """(host MB, GPU MB, steps) of a job before rounding."""
+    mpx = image_mpx(scene)
     momentum = scene["momentum"]
     if kind == "block":
         cameras = block_cameras(name, block) if cameras is None else cameras
@@ -83,26 +111,54 @@ def job_request(kind: str, scene: dict, name: str, attempt: int = 1, inputs=(), 
         else:  # finalize_block
             state = round_state(name, momentum["rounds"], block)
             steps = momentum["final_iterations"]
+        images, state_mb = cameras * mpx * IMAGE_MB_PER_MPX, file_mb([state])
         # the block's images, and its checkpoint 3 times (loaded, optimiser, written)
-        mb = 3000 + cameras * mpx * IMAGE_MB_PER_MPX + 3 * file_mb([state])
-    elif kind == "coarse":
+        return 3000 + images + 3 * state_mb, 1000 + images + 2 * state_mb + RENDER_MB_PER_MPX * mpx, steps
+    if kind == "coarse":
         cameras, _ = scene_counts(name)
-        steps = scene["coarse_iterations"]
-        mb = 4000 + cameras * mpx * IMAGE_MB_PER_MPX
-    elif kind == "partition":
+        images = cameras * mpx * IMAGE_MB_PER_MPX
+        return 4000 + images, 3000 + images + RENDER_MB_PER_MPX * mpx, scene["coarse_iterations"]
+    if kind == "partition":
         cameras, _ = scene_counts(name)
         x, y, z = scene["partition"]["block_dim"]
-        mb = 8000
         # one render per camera and block (at most 400 px a side), and one without
-        steps = cameras * (x * y * z + 1)
-    elif kind == "evaluate":
+        return 8000, 4000, cameras * (x * y * z + 1)
+    if kind == "evaluate":
         _, cameras = scene_counts(name)
-        mb = 6000 + 2 * cameras * mpx * IMAGE_MB_PER_MPX + 3 * file_mb(inputs)
-        steps = 20 * cameras  # renders, timing repeats and LPIPS per test view
-    elif kind == "merge":  # every block's anchors at once
-        mb = 4000 + 3 * file_mb(inputs)
-        steps = 600  # crop, concatenate, export the splats: minutes, not a loop of steps
-    else:
-        raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
-    seconds = steps * (STEP_SECONDS[0] + STEP_SECONDS[1] * mpx)
-    return scaled_request(attempt, mb, 10 + seconds / 60)
+        model = file_mb(inputs)
+        images = 2 * cameras * mpx * IMAGE_MB_PER_MPX  # ground truth and renders
+        # renders, timing repeats and LPIPS per test view
+        return 6000 + images + 3 * model, 4000 + 2 * model + RENDER_MB_PER_MPX * mpx, 20 * cameras
+    if kind == "merge":  # every block's anchors at once; crop, concatenate, export: minutes
+        return 4000 + 3 * file_mb(inputs), 0, 600
+    raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
+
+
+def job_request(rule: str, scene: dict, name: str, attempt: int = 1, inputs=(), block=None,
+                round=None, cameras: int | None = None) -> dict:
+    """mem_mb, runtime and gpu_mem_mb of one job of `rule` (RULE_KIND) of the scene `name` with
+    settings `scene`; `inputs` are its input files (their sizes count), `block` and `round` its
+    wildcards, `cameras` a block's camera count where partition.json does not exist yet. On a
+    retry (attempt > 1) what grows follows the previous attempt's log (`ran_out`)."""
+    kind = RULE_KIND[rule]
+    cause = "both"
+    if attempt > 1 and rule in LOGS:
+        cause = ran_out(run_path(name, LOGS[rule].format(r=round, b=block)))
+    if kind == "gsplat_build":
+        request = scaled_request(attempt, GSPLAT_BUILD["mem_mb"], GSPLAT_BUILD["runtime"], cause)
+        return dict(request, gpu_mem_mb=0)
+    mb, gpu_mb, steps = _job_size(kind, scene, name, inputs, block, round, cameras)
+    seconds = steps * (STEP_SECONDS[0] + STEP_SECONDS[1] * image_mpx(scene))
+    request = scaled_request(attempt, mb, 10 + seconds / 60, cause)
+    return dict(request, gpu_mem_mb=-(-int(gpu_mb) // 1000) * 1000, ran_out=cause)
+
+
+def gpu_constraint(scene: dict, attempt: int, cause: str) -> str | None:
+    """The scene's -C constraint for a GPU job; a GPU that ran out of memory retries on
+    `cluster.retry_constraint` when the scene names one."""
+    cluster = scene.get("cluster") or {}
+    if attempt > 1 and cause == "gpu" and cluster.get("retry_constraint"):
+        return cluster["retry_constraint"]
+    return cluster.get("constraint")
+
+

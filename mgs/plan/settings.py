@@ -58,7 +58,8 @@ def stage_keys(stage: str, scene: dict) -> dict:
 
 def configure_settings(scene: dict, name: str, coarse: str | None = None) -> str:
     """The scene's validated settings as JSON: what `mgs configure` writes to config.yaml."""
-    scene = json.loads(json.dumps(scene))  # a copy
+    # a copy, without what only the scheduler reads (cluster requests)
+    scene = json.loads(json.dumps({k: v for k, v in scene.items() if k != "cluster"}))
     if coarse is not None:
         scene["partition"]["coarse"] = coarse
     return json.dumps(dict(scene, name=name), sort_keys=True, separators=(",", ":"))

@@ -16,41 +16,47 @@ DEFAULT_CONFIG = "config/config.yaml"
 
 def _blocks(name: str, scene: dict) -> list:
     """Block ids from partition.json, else the grid's cells (before merging)."""
-    path = layout.run_path(name, "partition", "partition.json")
+    path = layout.run_file("partition", name)
     if os.path.isfile(path):
         return [int(b["id"]) for b in resources.read_json(path)["blocks"]]
     return list(range(math.prod(scene["partition"]["block_dim"])))
 
 
 def plan_rows(config: dict, scenes) -> list[dict]:
-    """One row per scene and rule: jobs, memory (MB), wall time (minutes), GPUs, at attempt 1."""
+    """One row per scene and GPU-or-heavy rule: jobs, host memory (MB), wall time (minutes),
+    GPUs and estimated GPU memory (MB), at attempt 1."""
     rows = []
     for name in scenes:
         scene = config["scenes"][name]
         m = scene["momentum"]
         blocks = _blocks(name, scene)
-        partitioned = os.path.isfile(layout.run_path(name, "partition", "partition.json"))
+        partitioned = os.path.isfile(layout.run_file("partition", name))
+        limit = (scene.get("cluster") or {}).get("gpu_mem_mb")
 
-        def add(rule, kind, jobs, gpus, **where):
-            if kind == "block" and not partitioned:  # cameras per block: an even share
-                train, _ = resources.scene_counts(name)
+        def add(rule, jobs, gpus, **where):
+            if rule in ("train_block", "finalize_block") and not partitioned:
+                train, _ = resources.scene_counts(name)  # cameras per block: an even share
                 where["cameras"] = -(-train // max(1, len(blocks)))
-            request = resources.job_request(kind, scene, name, **where)
-            rows.append({"scene": name, "rule": rule, "jobs": jobs, "gpus": gpus, **request})
+            request = resources.job_request(rule, scene, name, **where)
+            gpu_mb = request["gpu_mem_mb"] if gpus else 0
+            rows.append({"scene": name, "rule": rule, "jobs": jobs, "gpus": gpus,
+                         "mem_mb": request["mem_mb"], "runtime_min": request["runtime"],
+                         "gpu_mem_mb": gpu_mb,
+                         "fits": "?" if not limit or not gpus else
+                                 ("yes" if gpu_mb <= limit else "NO")})
 
         if scene["partition"]["assignment"] == "ssim":
-            add("coarse", "coarse", 1, 1)
-            add("partition_ssim", "partition", 1, 1)
+            add("coarse", 1, 1)
+            add("partition_ssim", 1, 1)
         last = blocks[-1] if blocks else 0
-        add("train_block", "block", m["rounds"] * len(blocks), 1, block=last, round=m["rounds"])
+        add("train_block", m["rounds"] * len(blocks), 1, block=last, round=m["rounds"])
         if m["final_iterations"]:
-            add("finalize_block", "block", len(blocks), 1, block=last)
-        add("merge", "merge", 1, 0,
-            inputs=[layout.final_block(name, b, m["rounds"], m["final_iterations"])
-                    for b in blocks])
-        model = [layout.run_path(name, "model", "splats.ply")]
-        add("evaluate", "evaluate", 1, 1, inputs=model)
-        add("export", "evaluate", 1, 1, inputs=model)
+            add("finalize_block", len(blocks), 1, block=last)
+        add("merge", 1, 0, inputs=[layout.final_block(name, b, m["rounds"], m["final_iterations"])
+                                   for b in blocks])
+        model = [layout.run_file("splats", name)]
+        add("evaluate", 1, 1, inputs=model)
+        add("export", 1, 1, inputs=model)
     return rows
 
 
@@ -68,8 +74,9 @@ def _run(args) -> None:
         raise InputError(f"scene(s) {', '.join(unknown)} not in the config (configured: "
                          f"{', '.join(sorted(config['scenes']))}); name one of those")
     table = pd.DataFrame(plan_rows(config, scenes))
-    table = table.rename(columns={"runtime": "runtime_min"})
     print(table.to_string(index=False))
+    print("gpu_mem_mb: estimated (images as uint8 on the GPU, the block's state, render buffers); "
+          "fits: against the scene's cluster.gpu_mem_mb (? where unset)")
 
 
 def add_parser(sub) -> None:

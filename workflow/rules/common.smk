@@ -102,6 +102,15 @@ os.environ.update(
 )
 
 
+def gsplat_build_request(key):
+    """The build's memory or runtime: nvcc's needs, doubled, then tripled on retries."""
+
+    def request(wildcards, attempt):
+        return resources.job_request("gsplat_build", {}, "", attempt)[key]
+
+    return request
+
+
 def gsplat_build_input(wildcards):
     """The built extension for a GPU job of a scene that may render with gsplat; ancient, so
     a rebuild (a wiped extensions_dir) reruns nothing downstream."""
@@ -314,14 +323,13 @@ def final_outputs(wildcards):
 # Memory and wall time per job: mgs.plan.resources (also printed by `mgs plan`).
 
 
-def job_request(kind):
-    """Memory and runtime functions for a rule: block (train_block, finalize_block), coarse,
-    partition (ssim renders), evaluate, merge."""
+def job_request(name):
+    """A rule's request function: memory, runtime and GPU memory of one of its jobs."""
 
     # never a checkpoint here: an unfinished one breaks resource evaluation in Snakemake 9
     def request(wildcards, input, attempt):
         return resources.job_request(
-            kind,
+            name,
             scene_config(wildcards),
             wildcards.scene,
             attempt,
@@ -333,18 +341,34 @@ def job_request(kind):
     return request
 
 
-def mem_mb(kind):
+def mem_mb(name):
     def mem_mb(wildcards, input, attempt):
-        return job_request(kind)(wildcards, input, attempt)["mem_mb"]
+        return job_request(name)(wildcards, input, attempt)["mem_mb"]
 
     return mem_mb
 
 
-def runtime(kind):
+def runtime(name):
     def runtime(wildcards, input, attempt):
-        return job_request(kind)(wildcards, input, attempt)["runtime"]
+        return job_request(name)(wildcards, input, attempt)["runtime"]
 
     return runtime
+
+
+def constraint(name):
+    """The scene's cluster.constraint (sbatch -C), or its retry_constraint after the GPU ran
+    out of memory; none when unset."""
+
+    def constraint(wildcards, input, attempt):
+        cause = job_request(name)(wildcards, input, attempt).get("ran_out", "both")
+        return resources.gpu_constraint(scene_config(wildcards), attempt, cause)
+
+    return constraint
+
+
+def gpu_model(wildcards):
+    """The scene's cluster.gpu_model (sbatch --gpus=MODEL:1); none when unset."""
+    return (scene_config(wildcards).get("cluster") or {}).get("gpu_model")
 
 
 def gpu(rule):

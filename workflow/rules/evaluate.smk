@@ -25,6 +25,8 @@ rule evaluate:
         gpu=gpu("evaluate"),
         mem_mb=mem_mb("evaluate"),
         runtime=runtime("evaluate"),
+        constraint=constraint("evaluate"),
+        gpu_model=gpu_model,
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("final"),

@@ -12,8 +12,8 @@ rule gsplat_build:
     threads: 4
     resources:
         gpu=gpu("gsplat_build"),
-        mem_mb=16000,
-        runtime=60,
+        mem_mb=gsplat_build_request("mem_mb"),
+        runtime=gsplat_build_request("runtime"),
     params:
         arch=GSPLAT["arch_list"],
     shell:

@@ -45,8 +45,10 @@ rule export:
         "../../envs/mgs.yaml"
     resources:
         gpu=gpu("export"),
-        mem_mb=mem_mb("evaluate"),
-        runtime=runtime("evaluate"),
+        mem_mb=mem_mb("export"),
+        runtime=runtime("export"),
+        constraint=constraint("export"),
+        gpu_model=gpu_model,
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("final"),

@@ -19,6 +19,8 @@ rule coarse:
         gpu=gpu("coarse"),
         mem_mb=mem_mb("coarse"),
         runtime=runtime("coarse"),
+        constraint=constraint("coarse"),
+        gpu_model=gpu_model,
     params:
         scene=subpath(input.scene, parent=True),
         out=subpath(output[0], parent=True),
@@ -83,8 +85,10 @@ checkpoint partition_ssim:
         "../../envs/mgs.yaml"
     resources:
         gpu=gpu("partition_ssim"),
-        mem_mb=mem_mb("partition"),
-        runtime=runtime("partition"),
+        mem_mb=mem_mb("partition_ssim"),
+        runtime=runtime("partition_ssim"),
+        constraint=constraint("partition_ssim"),
+        gpu_model=gpu_model,
     params:
         scene=subpath(input.scene, parent=True),
         out=subpath(output.json, parent=True),

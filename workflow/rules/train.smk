@@ -40,8 +40,10 @@ rule train_block:
     threads: 1
     resources:
         gpu=gpu("train_block"),
-        mem_mb=mem_mb("block"),
-        runtime=runtime("block"),
+        mem_mb=mem_mb("train_block"),
+        runtime=runtime("train_block"),
+        constraint=constraint("train_block"),
+        gpu_model=gpu_model,
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("blocks"),
@@ -87,8 +89,10 @@ rule finalize_block:
     threads: 1
     resources:
         gpu=gpu("finalize_block"),
-        mem_mb=mem_mb("block"),
-        runtime=runtime("block"),
+        mem_mb=mem_mb("finalize_block"),
+        runtime=runtime("finalize_block"),
+        constraint=constraint("finalize_block"),
+        gpu_model=gpu_model,
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("final"),
