@@ -10,6 +10,7 @@
 #   3. the CUDA tests (pytest -m cuda): trainer, densify statistics vs CPU, resume, evaluate, ...
 #   4. bench_render's CUDA cases: gsplat vs the torch backend
 #   5. the CI-sized workflow (config/ci.yaml) with train.device: cuda, in a copy of the workflow
+#   6. seconds per training step measured by that run, beside the cluster requests' model
 # then one summary. Logs: $GPU_CHECK_OUT (default $OUT when set, else ./gpu_check_out).
 # Needs an environment with this repository's dependencies (make install) and a CUDA torch;
 # nothing is downloaded. The build (2) dominates the first run: several minutes.
@@ -70,6 +71,8 @@ scenes:
 EOF
 step workflow 900 bash -c 'cd "$0" && "$1" -m snakemake --cores 4 --resources gpu=1 \
     --configfile config/ci.yaml gpu.yaml && cat results/ci/eval/metrics.json' "$WORK" "$PYTHON"
+# 6. seconds per step on this GPU beside what the cluster requests assume (mgs.plan.resources)
+step step_time 120 "$PYTHON" benchmarks/step_time.py "$WORK/results/ci"
 cp -r "$WORK/results/ci/logs" "$LOGS/workflow_job_logs" 2>/dev/null
 cp "$WORK/results/ci/eval/metrics.json" "$LOGS/workflow_metrics.json" 2>/dev/null
 
@@ -84,6 +87,8 @@ cp "$WORK/results/ci/eval/metrics.json" "$LOGS/workflow_metrics.json" 2>/dev/nul
         "$LOGS/cuda_tests.log" | tail -n 30
     echo "bench_render (CUDA):"
     grep -E '@|error' "$LOGS/bench_render.log" || echo "  (no results)"
+    echo "step time (calibrates STEP_SECONDS in mgs/plan/resources.py):"
+    grep -E 'measured_s_per_step' "$LOGS/step_time.log" || echo "  (none)"
     echo "workflow metrics:"
     "$PYTHON" -c 'import json,sys; m=json.load(open(sys.argv[1])); print(" ", m["device"], m["backend"],
         {k: round(v, 4) for k, v in m["metrics"].items() if k in ("psnr", "ssim", "lpips_vgg")},

@@ -179,8 +179,8 @@ def test_rubble_sbatch_arguments_per_rule(rubble_jobs):
     assert "finalize_block" not in rules
     assert rules.count("train_block") == 8 * 120 and rules.count("sync") == 120
     block = sbatch_args(next(j for j in rubble_jobs if j.rule == "train_block"))
-    # ~414 cameras of ~1 Mpx held as float32: several GB, not a fixed 4000 MB
-    assert 6000 <= int(block["--mem"]) <= 16000, block
+    # ~414 cameras of ~1 Mpx held as uint8 (1.2 GB) over the 3 GB base: rounded up to 5 GB
+    assert int(block["--mem"]) == 5000, block
     assert 10 <= int(block["-t"]) <= 30, block
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mgs.checkpoint import load_checkpoint
@@ -193,10 +195,36 @@ def test_gsplat_build_comes_before_gpu_jobs_only_where_gsplat_may_render(dry_wor
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
-    """The CI scene run to completion once; the tests below rerun parts of it."""
+    """The CI scene run to completion once; the tests below rerun parts of it. Every `mgs` job
+    records the files it opened for reading in READS (tests/read_trace/sitecustomize.py)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("wf"))
-    snakemake(workdir, "--cores", "2", f"--configfile={workdir / 'config' / 'ci.yaml'}")
+    reads = workdir / READS
+    reads.mkdir()
+    path = os.pathsep.join(p for p in (str(REPO / "tests" / "read_trace"),
+                                       os.environ.get("PYTHONPATH")) if p)
+    snakemake(workdir, "--cores", "2", f"--configfile={workdir / 'config' / 'ci.yaml'}",
+              env={"MGS_READ_TRACE": str(reads), "PYTHONPATH": path})
     return workdir
+
+
+READS = Path(".reads")  # inside the CI run's folder
+
+
+def planned_jobs(workdir: Path, *args: str) -> list[dict]:
+    """Every job of a dry run: rule, inputs, outputs and shell command."""
+    result = snakemake(workdir, "--dry-run", "--printshellcmds", *args)
+    jobs = []
+    for line in (result.stdout + result.stderr).splitlines():
+        match = re.fullmatch(r"(?:local)?(?:rule|checkpoint) (\w+):", line.strip())
+        if match and not line.startswith(" "):
+            jobs.append({"rule": match.group(1), "input": [], "output": [], "shell": ""})
+        elif jobs and line.startswith("    input: "):
+            jobs[-1]["input"] = line.split(": ", 1)[1].split(", ")
+        elif jobs and line.startswith("    output: "):
+            jobs[-1]["output"] = [o.split(" (")[0] for o in line.split(": ", 1)[1].split(", ")]
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line.split(": ", 1)[1]
+    return jobs
 
 
 def configfile(workdir: Path) -> str:
@@ -239,6 +267,42 @@ def test_full_run_writes_every_stage(ci_run):
 
 
 @pytest.mark.slow
+def test_every_job_reads_only_what_its_rule_declares(ci_run):
+    """What each `mgs` job of the CI run opened (under the run folder) is among its rule's
+    declared inputs, so Snakemake orders and reruns it right; and every declared input is read.
+    A scene folder counts as its scene.json, a directory input as its files."""
+    jobs = planned_jobs(ci_run, "--forceall", configfile(ci_run))
+    undeclared, unread = {}, {}
+    for trace in sorted((ci_run / READS).glob("*.tsv")):
+        argv, *reads = trace.read_text().splitlines()
+        verb = " ".join(argv.split()[1:])
+        job = next((j for j in jobs if f"mgs {verb} " in j["shell"] + " "), None)
+        assert job is not None, f"no planned job runs `mgs {verb}`"
+        inputs = set(job["input"])
+        covered = set()
+        for path in reads:
+            rel = os.path.relpath(path, ci_run)
+            if not rel.startswith(str(RUN)) or rel.startswith(tuple(
+                    f"{RUN}/{d}/" for d in ("logs", "benchmarks", "cache"))):
+                continue
+            if rel in job["output"] or rel.endswith(".partial.pt"):
+                continue  # its own outputs (configure compares; resume reads its partial file)
+            if rel.startswith(f"{RUN}/scene/"):
+                rel = f"{RUN}/scene/scene.json"
+            owner = next((i for i in inputs if rel == i or rel.startswith(i + "/")), None)
+            if owner is None:
+                undeclared.setdefault(job["rule"], set()).add(rel)
+            else:
+                covered.add(owner)
+        markers = {i for i in inputs if i.endswith("gsplat_build.json")}  # an order, not a read
+        missing = {i for i in inputs - covered - markers if i.startswith(str(RUN))}
+        if missing:
+            unread.setdefault(job["rule"], set()).update(missing)
+    assert undeclared == {}, "read but not declared"
+    assert unread == {}, "declared but never read"
+
+
+@pytest.mark.slow
 def test_rerun_of_one_block_touches_only_that_block(ci_run):
     run = ci_run / RUN
     untouched = {**snapshot(run, "rounds/**/*"), **snapshot(run, "final/block_[013].pt"),
@@ -257,6 +321,53 @@ def test_rerun_of_one_block_touches_only_that_block(ci_run):
     for path, (mtime, _) in rewritten.items():
         assert after[path][0] > mtime, f"{path} was not rewritten"
     assert snapshot(ci_run, "results/report/report.html") != report
+
+
+@pytest.fixture
+def ci_copy(ci_run, tmp_path):
+    """A copy of the finished CI run (results and Snakemake's records) to change freely."""
+    copy = tmp_path / "wf"
+    shutil.copytree(ci_run, copy, symlinks=True, ignore=shutil.ignore_patterns(str(READS)))
+    return copy
+
+
+@pytest.mark.slow
+def test_a_rerun_that_would_retrain_other_blocks_stops_before_any_job(ci_copy):
+    run = ci_copy / RUN
+    before = snapshot(run, "rounds/**/*") | snapshot(run, "final/*")
+    result = snakemake(ci_copy, "--cores", "2", configfile(ci_copy),
+                       "-R", str(RUN / "rounds/1/block_0.pt"), check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "would run" in log and "block(s) 1, 2, 3 of scene ci" in log, log[-3000:]
+    assert "--config allow_full_rerun=true" in log
+    assert f"-R {RUN}/final/block_0.pt" in log
+    assert snapshot(run, "rounds/**/*") | snapshot(run, "final/*") == before
+
+
+@pytest.mark.slow
+def test_a_rerun_of_the_last_round_without_finalize_rebuilds_sync_then_merge(ci_copy):
+    """With final_iterations 0 merge reads the last round's blocks and shared decoder: -R of one
+    block's last round reruns that block, the sync, then merge with the new decoder."""
+    no_final = ci_copy / "config" / "no_final.yaml"
+    config = yaml.safe_load((ci_copy / "config" / "ci.yaml").read_text())
+    config["scenes"][SCENE]["momentum"]["final_iterations"] = 0
+    no_final.write_text(yaml.safe_dump(config))
+    target = str(RUN / "model" / "decoder.pt")
+    snakemake(ci_copy, "--cores", "2", f"--configfile={no_final}", target)
+    run = ci_copy / RUN
+    jobs = planned_jobs(ci_copy, f"--configfile={no_final}", "-R",
+                        str(RUN / "rounds/2/block_1.pt"), target)
+    assert sorted(j["rule"] for j in jobs) == ["merge", "sync", "train_block"]
+    snakemake(ci_copy, "--cores", "2", f"--configfile={no_final}", "-R",
+              str(RUN / "rounds/2/block_1.pt"), target)
+    shared = load_checkpoint(run / "rounds" / "2" / "shared.pt")
+    decoder = load_checkpoint(run / "model" / "decoder.pt")["decoders"][0]
+    student = shared["student"]
+    assert student.keys() == decoder.keys()
+    assert all(torch.equal(student[k], decoder[k]) for k in student)
+    result = snakemake(ci_copy, "--dry-run", f"--configfile={no_final}", target)
+    assert "Nothing to be done" in result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -60,6 +60,22 @@ def plan_rows(config: dict, scenes) -> list[dict]:
     return rows
 
 
+LOCAL_RULES = {"configure", "sync", "all"}  # run on the submit host: no queue wait
+
+
+def chain(scene: dict, blocks: int) -> dict:
+    """Job counts of a scene and its longest chain of dependent jobs (each queued job on it
+    waits in the queue once)."""
+    m, ssim = scene["momentum"], scene["partition"]["assignment"] == "ssim"
+    path = ["configure", "scene"] + (["coarse", "partition_ssim"] if ssim else ["partition"])
+    path += ["init"] + ["train_block", "sync"] * m["rounds"]
+    path += (["finalize_block"] if m["final_iterations"] else []) + ["merge", "evaluate", "report"]
+    jobs = len(path) - 2 * m["rounds"] + m["rounds"] * (blocks + 1) + 1  # + export
+    jobs += (blocks - 1) if m["final_iterations"] else 0
+    return {"jobs": jobs, "chain": len(path),
+            "queued_on_chain": sum(rule not in LOCAL_RULES for rule in path)}
+
+
 def _run(args) -> None:
     import pandas as pd
 
@@ -75,6 +91,10 @@ def _run(args) -> None:
                          f"{', '.join(sorted(config['scenes']))}); name one of those")
     table = pd.DataFrame(plan_rows(config, scenes))
     print(table.to_string(index=False))
+    for name in scenes:
+        counts = chain(config["scenes"][name], len(_blocks(name, config["scenes"][name])))
+        print(f"{name}: {counts['jobs']} jobs; the longest chain has {counts['chain']} jobs, "
+              f"{counts['queued_on_chain']} of them queued (one queue wait each)")
     print("gpu_mem_mb: estimated (images as uint8 on the GPU, the block's state, render buffers); "
           "fits: against the scene's cluster.gpu_mem_mb (? where unset)")
 

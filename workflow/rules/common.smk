@@ -236,6 +236,14 @@ def round_state(wildcards, r, block=None, name="block"):
     return layout.round_state(wildcards.scene, r, block, name)
 
 
+def scene_files(wildcards):
+    """The scene (its folder: cameras, images) and the partition a block job reads."""
+    return {
+        "scene": run_file("scene", wildcards.scene),
+        "partition": run_file("partition", wildcards.scene),
+    }
+
+
 def train_block_input(wildcards):
     r = int(wildcards.r)
     if r > rounds(wildcards):
@@ -247,6 +255,7 @@ def train_block_input(wildcards):
     return {
         "block": round_state(wildcards, r - 1, wildcards.b),
         "shared": round_state(wildcards, r - 1),
+        **scene_files(wildcards),
         "gsplat": gsplat_build_input(wildcards),
     }
 
@@ -280,6 +289,7 @@ def finalize_input(wildcards):
     return {
         "block": round_state(wildcards, last, wildcards.b),
         "shared": round_state(wildcards, last),
+        **scene_files(wildcards),
         "gsplat": gsplat_build_input(wildcards),
     }
 
@@ -295,7 +305,7 @@ def merge_input(wildcards):
     return {
         "blocks": [final_block(wildcards, b) for b in block_ids(wildcards)],
         "shared": round_state(wildcards, rounds(wildcards)),
-        "partition": run_file("partition", wildcards.scene),
+        **scene_files(wildcards),
     }
 
 

@@ -6,6 +6,7 @@ rule evaluate:
         config=ancient(run_file("config")),
         decoder=run_file("model_decoder"),
         anchors=run_file("model_anchors"),
+        scene=run_file("scene"),
         gsplat=gsplat_build_input,
     output:
         metrics=report(

@@ -33,6 +33,7 @@ rule export:
     input:
         config=ancient(run_file("config")),
         splats=run_file("splats"),
+        scene=run_file("scene"),
         gsplat=gsplat_build_input,
     output:
         splat=run_file("splat"),
