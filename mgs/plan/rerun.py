@@ -16,8 +16,8 @@ from collections import Counter
 from mgs.plan.layout import RESULTS, final_block
 
 BLOCK_RULES = ("train_block", "finalize_block")
-_NAMED = re.compile(rf"{RESULTS}/(?P<scene>[^/]+)/(?:rounds/(?P<r>\d+)/(?:block|decoder)|final/block)"
-                    r"_(?P<b>\d+)\.pt")
+_NAMED = re.compile(rf"{RESULTS}/(?P<scene>[^/]+)/"
+                    r"(?:rounds/(?P<r>\d+)/(?:block|decoder)|final/block)_(?P<b>\d+)\.pt")
 
 
 def named_blocks(forced) -> dict[tuple[str, int], int | None]:
@@ -52,7 +52,8 @@ def rerun_guard(jobs, forced, scenes: dict, allow: bool = False) -> str | None:
     momentum = scenes[scene]["momentum"]
     own = sorted(b for (s, b) in named if s == scene)
     rounds_named = [r for (s, _), r in named.items() if s == scene and r is not None]
-    planned = sorted({int(w["r"]) for rule, w in jobs if rule == "train_block" and w["scene"] == scene})
+    planned = sorted({int(w["r"]) for rule, w in jobs
+                      if rule == "train_block" and w["scene"] == scene})
     if rounds_named and planned and planned[0] < min(rounds_named):
         why = (f"round {min(rounds_named)} starts from round {min(rounds_named) - 1}'s block "
                f"checkpoints, which momentum.keep_rounds ({momentum['keep_rounds']}) removed, so "

@@ -113,11 +113,13 @@ def _job_size(kind: str, scene: dict, name: str, inputs, block, round, cameras):
             steps = momentum["final_iterations"]
         images, state_mb = cameras * mpx * IMAGE_MB_PER_MPX, file_mb([state])
         # the block's images, and its checkpoint 3 times (loaded, optimiser, written)
-        return 3000 + images + 3 * state_mb, 1000 + images + 2 * state_mb + RENDER_MB_PER_MPX * mpx, steps
+        gpu_mb = 1000 + images + 2 * state_mb + RENDER_MB_PER_MPX * mpx
+        return 3000 + images + 3 * state_mb, gpu_mb, steps
     if kind == "coarse":
         cameras, _ = scene_counts(name)
         images = cameras * mpx * IMAGE_MB_PER_MPX
-        return 4000 + images, 3000 + images + RENDER_MB_PER_MPX * mpx, scene["coarse_iterations"]
+        gpu_mb = 3000 + images + RENDER_MB_PER_MPX * mpx
+        return 4000 + images, gpu_mb, scene["coarse_iterations"]
     if kind == "partition":
         cameras, _ = scene_counts(name)
         x, y, z = scene["partition"]["block_dim"]
@@ -136,21 +138,22 @@ def _job_size(kind: str, scene: dict, name: str, inputs, block, round, cameras):
 
 def job_request(rule: str, scene: dict, name: str, attempt: int = 1, inputs=(), block=None,
                 round=None, cameras: int | None = None) -> dict:
-    """mem_mb, runtime and gpu_mem_mb of one job of `rule` (RULE_KIND) of the scene `name` with
-    settings `scene`; `inputs` are its input files (their sizes count), `block` and `round` its
-    wildcards, `cameras` a block's camera count where partition.json does not exist yet. On a
-    retry (attempt > 1) what grows follows the previous attempt's log (`ran_out`)."""
+    """mem_mb, runtime, gpu_mem_mb and constraint of one job of `rule` (RULE_KIND) of the scene
+    `name` with settings `scene`; `inputs` are its input files (their sizes count), `block` and
+    `round` its wildcards, `cameras` a block's camera count where partition.json does not exist
+    yet. On a retry (attempt > 1) what grows follows the previous attempt's log (`ran_out`)."""
     kind = RULE_KIND[rule]
     cause = "both"
     if attempt > 1 and rule in LOGS:
         cause = ran_out(run_path(name, LOGS[rule].format(r=round, b=block)))
     if kind == "gsplat_build":
         request = scaled_request(attempt, GSPLAT_BUILD["mem_mb"], GSPLAT_BUILD["runtime"], cause)
-        return dict(request, gpu_mem_mb=0)
+        return dict(request, gpu_mem_mb=0, ran_out=cause, constraint=None)
     mb, gpu_mb, steps = _job_size(kind, scene, name, inputs, block, round, cameras)
     seconds = steps * (STEP_SECONDS[0] + STEP_SECONDS[1] * image_mpx(scene))
     request = scaled_request(attempt, mb, 10 + seconds / 60, cause)
-    return dict(request, gpu_mem_mb=-(-int(gpu_mb) // 1000) * 1000, ran_out=cause)
+    return dict(request, gpu_mem_mb=-(-int(gpu_mb) // 1000) * 1000, ran_out=cause,
+                constraint=gpu_constraint(scene, attempt, cause))
 
 
 def gpu_constraint(scene: dict, attempt: int, cause: str) -> str | None:

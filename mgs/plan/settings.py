@@ -14,7 +14,7 @@ COMPUTE_KEYS = {
     "train": ("device", "backend", "threads", "checkpoint_interval"),
     "sfm": ("threads",),
 }
-# files of a dataset folder that shape a scene: images, COLMAP models, transforms.json and its points
+# files of a dataset folder that shape a scene: images, COLMAP models, transforms.json, points
 DATASET_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bin", ".txt", ".npy", ".json",
                     ".ply"}
 

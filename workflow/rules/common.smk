@@ -351,29 +351,22 @@ def job_request(name):
     return request
 
 
-def mem_mb(name):
-    def mem_mb(wildcards, input, attempt):
-        return job_request(name)(wildcards, input, attempt)["mem_mb"]
+def requested(key):
+    """A factory of resource functions: `key` of a rule's request (mem_mb, runtime, and the
+    constraint: the scene's cluster.constraint, or retry_constraint after the GPU ran out of
+    memory; none when unset)."""
 
-    return mem_mb
+    def for_rule(name):
+        def value(wildcards, input, attempt):
+            return job_request(name)(wildcards, input, attempt)[key]
+
+        value.__name__ = key
+        return value
+
+    return for_rule
 
 
-def runtime(name):
-    def runtime(wildcards, input, attempt):
-        return job_request(name)(wildcards, input, attempt)["runtime"]
-
-    return runtime
-
-
-def constraint(name):
-    """The scene's cluster.constraint (sbatch -C), or its retry_constraint after the GPU ran
-    out of memory; none when unset."""
-
-    def constraint(wildcards, input, attempt):
-        cause = job_request(name)(wildcards, input, attempt).get("ran_out", "both")
-        return resources.gpu_constraint(scene_config(wildcards), attempt, cause)
-
-    return constraint
+mem_mb, runtime, constraint = map(requested, ("mem_mb", "runtime", "constraint"))
 
 
 def gpu_model(wildcards):
