@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -57,9 +59,21 @@ def run_inputs(root: Path, config: str | None) -> dict:
     return inputs
 
 
+def _sigterm_cause() -> str:
+    """What the log of a job stopped by SIGTERM says about why: SLURM sends it at the time limit
+    (and on scancel, preemption, some memory kills); where the job's end time is known
+    (SLURM_JOB_END_TIME) a SIGTERM within 3 minutes of it is the time limit. A retry reads this
+    line (mgs.plan.resources.ran_out) to grow the right request."""
+    end = os.environ.get("SLURM_JOB_END_TIME", "")
+    if end.isdigit() and time.time() >= int(end) - 180:
+        return "SIGTERM at the job's time limit"
+    return "SIGTERM before the job's time limit" if end.isdigit() else "SIGTERM"
+
+
 def _on_sigterm(signum, frame) -> None:
     """SIGTERM (scancel, job limits): a training loop stops after its step with a checkpoint;
     anything else stops at once, like Ctrl-C."""
+    print(f"mgs: {_sigterm_cause()}", file=sys.stderr, flush=True)
     loop = sys.modules.get("mgs.training_loop")
     if loop is not None and loop.StopSignal.active and not loop.StopSignal.requested:
         loop.StopSignal.requested = True

@@ -21,7 +21,8 @@ def test_retries_ask_for_more_memory_and_time():
 
 
 @pytest.mark.parametrize("log, cause", [
-    ("step 900/1000\nmgs train-block: stopped on SIGTERM after step 912 with a checkpoint", "time"),
+    ("step 900\nmgs: SIGTERM at the job's time limit\nmgs train-block: stopped on SIGTERM", "time"),
+    ("step 900\nmgs: SIGTERM\nmgs train-block: stopped on SIGTERM after step 912", "both"),
     ("slurmstepd: error: *** JOB 7 ON n1 CANCELLED AT 2026 DUE TO TIME LIMIT ***", "time"),
     ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "gpu"),
     ("training 4000 anchors\nstep 400/1000", "memory"),  # killed without a word
@@ -161,3 +162,16 @@ def test_a_rerun_of_an_older_round_names_the_later_rounds():
     message = rerun_guard(jobs, ["results/rubble/rounds/119/block_3.pt"], SCENES)
     assert "block(s) 0, 1, 2, 4, 5, 6, 7 of scene rubble" in message
     assert "later round" in message
+
+
+def test_a_sigterm_says_whether_it_came_at_the_time_limit(monkeypatch):
+    import time
+
+    from mgs.cli_support import _sigterm_cause
+
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    assert _sigterm_cause() == "SIGTERM"
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 60))
+    assert _sigterm_cause() == "SIGTERM at the job's time limit"
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 3600))
+    assert _sigterm_cause() == "SIGTERM before the job's time limit"

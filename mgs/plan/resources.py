@@ -83,18 +83,20 @@ def scaled_request(attempt: int, mb: float, minutes: float, ran_out: str = "memo
 
 
 def ran_out(log_path: str | None) -> str:
-    """What ended the previous attempt, from its log: 'time' (stopped on SIGTERM: SLURM's time
-    limit), 'gpu' (CUDA out of memory), 'memory' (killed without a word: the memory limit) or
-    'both' (no log to tell)."""
+    """What ended the previous attempt, from its log: 'time' (SIGTERM at SLURM's time limit,
+    which mgs notes), 'gpu' (CUDA out of memory), 'memory' (killed without a word: a memory
+    kill, or a MemoryError) or 'both' (no log, or a SIGTERM of unknown cause)."""
     if not log_path or not os.path.isfile(log_path):
         return "both"
     with open(log_path, "rb") as handle:
         handle.seek(max(0, os.path.getsize(log_path) - 20000))
         tail = handle.read().decode(errors="replace")
-    if "SIGTERM" in tail or "DUE TO TIME LIMIT" in tail:
+    if "SIGTERM at the job's time limit" in tail or "DUE TO TIME LIMIT" in tail:
         return "time"
     if "CUDA out of memory" in tail or "OutOfMemoryError" in tail:
         return "gpu"
+    if "SIGTERM" in tail:
+        return "both"
     return "memory"
 
 
