@@ -246,4 +246,24 @@ echo "memory kill: finalize_block submitted with --mem $oom_mem MB in $(($(date 
 [ "$(echo "$oom_mem" | wc -w)" -ge 2 ] || fail "finalize_block was not resubmitted (mem: $oom_mem)"
 [ -n "$oom_killed" ] || fail "no finalize_block log says it ran out of memory"
 grep -i -m 1 'exceeded .*memory\|oom\|out.of.memory' "$oom_killed" | sed 's/^/  /'
+
+# ------------------------------------------------------------------ rounds as one group job
+# cluster.rounds_per_job 2: both rounds of every block, and their syncs, in one sbatch job that
+# gets the node's 2 GPUs (--resources gpu=2) and runs the block jobs inside it.
+group_start=$(date +%s)
+snakemake --profile slurm --profile .ci/slurm-profile --configfile config/ci.yaml \
+    .ci/slurm-cpu.yaml .ci/slurm-grouped.yaml --resources gpu=2 --cores 2 \
+    -R results/ci/rounds/1/block_0.pt --config allow_full_rerun=true --until sync_in_group \
+    --verbose >"$WORK/group.log" 2>&1 ||
+    fail "the round-set group job failed (see $WORK/group.log)"
+group_lines=$(grep -E '^sbatch call: sbatch ' "$WORK/group.log" || true)
+n_group=$(printf '%s\n' "$group_lines" | grep -c -- '--gpus=2' || true)
+n_single=$(printf '%s\n' "$group_lines" | grep -c 'rule_train_block_\|rule_sync' || true)
+echo "round set as one job: $n_group sbatch with --gpus=2, $n_single block or sync submissions," \
+    "$(($(date +%s) - group_start)) s"
+printf '%s\n' "$group_lines" | sed 's/^sbatch call: //; s/ --wrap=.*//; s/--output [^ ]* //;
+    s/ -D [^ ]*//; s/  */ /g' | sed 's/^/  /'
+[ "$n_group" -eq 1 ] || fail "expected one group job with 2 GPUs, got $n_group"
+[ "$n_single" -eq 0 ] || fail "block or sync jobs were submitted on their own: $n_single"
+test -s results/ci/rounds/2/shared.pt || fail "the group job wrote no round 2 sync"
 echo "SLURM CI passed in $(($(date +%s) - start)) s"

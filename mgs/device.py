@@ -3,11 +3,14 @@
 `auto` means the MGS_DEVICE environment variable when set (e.g. MGS_DEVICE=cpu keeps every mgs
 process of a shell or job on the CPU), else CUDA when present, else the CPU.
 
-On a multi-GPU machine without CUDA_VISIBLE_DEVICES (Snakemake never sets it locally; SLURM
-does), `auto` takes a GPU that no other mgs process *of the same user* holds, by an exclusive
-lock on a file in a per-user folder ($MGS_LOCK_DIR, default <tmp>/mgs-gpu-locks-<uid>). The lock
-is per process: the first call picks the GPU and later calls in the same process (one per block
-and round in `train_all`) return the same one; it is released when the process ends. When every
+Where a process sees several GPUs (a multi-GPU machine, where Snakemake never sets
+CUDA_VISIBLE_DEVICES locally, or a SLURM allocation of several GPUs running a group job of
+several block jobs), `auto` takes a GPU that no other mgs process *of the same user* holds, by an
+exclusive lock on a file named after the GPU's CUDA_VISIBLE_DEVICES entry (its index where that is
+unset) in a per-user folder ($MGS_LOCK_DIR, default <tmp>/mgs-gpu-locks-<uid>, with one sub-folder
+per SLURM job: SLURM may number each job's GPUs from 0). The lock is per process: the first
+call picks the GPU and later calls in the same process (one per block and round in `train_all`)
+return the same one; it is released when the process ends. When every
 GPU is held, the process does not wait: it shares GPU 0 with a warning (cap local jobs with
 `snakemake --resources gpu=N`). Other users' jobs are not seen; on a shared machine use a
 scheduler or CUDA_VISIBLE_DEVICES. The chosen GPU becomes the current one (`torch.cuda.set_device`)
@@ -49,7 +52,7 @@ def resolve_device(name: str = "auto", lock_dir: str | Path | None = None,
                                  "in the job's environment, or set device: cpu to run on CPU")
             return torch.device("cpu")
         count = torch.cuda.device_count() if gpu_count is None else gpu_count
-        if count > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        if count > 1:
             return _make_current(torch.device(f"cuda:{claim_free_gpu(count, lock_dir)}"))
         return _make_current(torch.device("cuda"))
     try:
@@ -95,7 +98,19 @@ def default_lock_dir() -> Path:
     if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
         raise InputError(f"GPU lock folder {folder} belongs to another user; set MGS_LOCK_DIR "
                          "to a folder of yours")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if job.isdigit():
+        folder = folder / f"slurm-{job}"
+        folder.mkdir(mode=0o700, exist_ok=True)
     return folder
+
+
+def _gpu_names(count: int) -> list[str]:
+    """The visible GPUs' names for their lock files: CUDA_VISIBLE_DEVICES' entries, else
+    indices."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    visible = [v.strip() for v in listed if v.strip()]
+    return visible[:count] if len(visible) >= count else [str(i) for i in range(count)]
 
 
 def slurm_gpus() -> str:
@@ -114,8 +129,8 @@ def claim_free_gpu(count: int, lock_dir: str | Path | None = None) -> int:
     key = str(lock_dir.resolve())
     if key in _claimed:
         return _claimed[key]
-    for index in range(count):
-        path = lock_dir / f"mgs-gpu-{index}.lock"
+    for index, name in enumerate(_gpu_names(count)):
+        path = lock_dir / f"mgs-gpu-{name}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except PermissionError as exc:
@@ -129,7 +144,7 @@ def claim_free_gpu(count: int, lock_dir: str | Path | None = None) -> int:
             continue
         _held_locks.append(handle)
         _claimed[key] = index
-        log.info("using GPU %d (lock %s)", index, path)
+        log.info("using GPU %d of %d (lock %s)", index, count, path)
         return index
     log.warning("all %d GPUs are held by other mgs processes of this user; sharing GPU 0 "
                 "(limit local jobs with --resources gpu=%d)", count, count)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,31 @@ def test_preflight_finds_the_lpips_weights_and_reports_what_is_missing(monkeypat
     assert any("no-such-net.ckpt" in p for p in preflight.problems())
     with pytest.raises(InputError, match="preflight failed"):
         preflight.check()
+
+
+def test_gpus_of_an_allocation_are_locked_by_their_visible_names(tmp_path, no_device_override,
+                                                                 monkeypatch):
+    """A SLURM job of several GPUs (a group job of block jobs): each process takes its own GPU,
+    locked under its CUDA_VISIBLE_DEVICES name, in a folder of that job."""
+    from mgs.device import default_lock_dir
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("MGS_LOCK_DIR", "")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    folder = default_lock_dir()
+    assert folder.name == "slurm-4242"
+    code = ("from mgs.device import resolve_device; import sys; "
+            "print(resolve_device('auto', gpu_count=2), flush=True); sys.stdin.read()")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "cuda:0"
+        assert (folder / "mgs-gpu-3.lock").exists()
+        other = subprocess.run([sys.executable, "-c", code], input="", capture_output=True,
+                               text=True, env=env).stdout.strip()
+        assert other == "cuda:1"
+        assert (folder / "mgs-gpu-5.lock").exists()
+    finally:
+        holder.communicate("")

@@ -175,3 +175,14 @@ def test_a_sigterm_says_whether_it_came_at_the_time_limit(monkeypatch):
     assert _sigterm_cause() == "SIGTERM at the job's time limit"
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 3600))
     assert _sigterm_cause() == "SIGTERM before the job's time limit"
+
+
+def test_allow_full_rerun_from_the_command_line_is_a_boolean():
+    from mgs.errors import MgsError
+    from mgs.plan.config import check_workflow_config
+
+    config = {"scenes": {"demo": {}}, "allow_full_rerun": "true"}  # as --config passes it
+    check_workflow_config(config)
+    assert config["allow_full_rerun"] is True
+    with pytest.raises(MgsError, match="allow_full_rerun"):
+        check_workflow_config({"scenes": {"demo": {}}, "allow_full_rerun": "sure"})

@@ -19,6 +19,9 @@ def check_workflow_config(config: dict, schema=SCHEMA) -> None:
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
+    flag = config.get("allow_full_rerun")  # --config allow_full_rerun=true arrives as text
+    if isinstance(flag, str) and flag.lower() in ("true", "false"):
+        config["allow_full_rerun"] = flag.lower() == "true"
     try:
         validate(config, str(schema))
     except WorkflowError as exc:

@@ -64,13 +64,20 @@ LOCAL_RULES = {"configure", "sync", "all"}  # run on the submit host: no queue w
 
 
 def chain(scene: dict, blocks: int) -> dict:
-    """Job counts of a scene and its longest chain of dependent jobs (each queued job on it
-    waits in the queue once)."""
+    """Cluster submissions of a scene and its longest chain of dependent jobs (each queued job
+    on it waits in the queue once); with cluster.rounds_per_job K, K rounds are one group job."""
     m, ssim = scene["momentum"], scene["partition"]["assignment"] == "ssim"
+    per_job = scene.get("cluster", {}).get("rounds_per_job", 1)
     path = ["configure", "scene"] + (["coarse", "partition_ssim"] if ssim else ["partition"])
-    path += ["init"] + ["train_block", "sync"] * m["rounds"]
+    if per_job > 1:
+        rounds = ["round_set"] * -(-m["rounds"] // per_job)
+        submitted = len(rounds)
+    else:
+        rounds = ["train_block", "sync"] * m["rounds"]
+        submitted = m["rounds"] * (blocks + 1)
+    path += ["init"] + rounds
     path += (["finalize_block"] if m["final_iterations"] else []) + ["merge", "evaluate", "report"]
-    jobs = len(path) - 2 * m["rounds"] + m["rounds"] * (blocks + 1) + 1  # + export
+    jobs = len(path) - len(rounds) + submitted + 1  # + export
     jobs += (blocks - 1) if m["final_iterations"] else 0
     return {"jobs": jobs, "chain": len(path),
             "queued_on_chain": sum(rule not in LOCAL_RULES for rule in path)}
@@ -93,8 +100,9 @@ def _run(args) -> None:
     print(table.to_string(index=False))
     for name in scenes:
         counts = chain(config["scenes"][name], len(_blocks(name, config["scenes"][name])))
-        print(f"{name}: {counts['jobs']} jobs; the longest chain has {counts['chain']} jobs, "
-              f"{counts['queued_on_chain']} of them queued (one queue wait each)")
+        print(f"{name}: {counts['jobs']} jobs (a group job counted once); the longest chain has "
+              f"{counts['chain']} jobs, {counts['queued_on_chain']} of them queued (one queue "
+              "wait each)")
     print("gpu_mem_mb: estimated (images as uint8 on the GPU, the block's state, render buffers); "
           "fits: against the scene's cluster.gpu_mem_mb (? where unset)")
 

@@ -62,6 +62,23 @@ def scene_names_regex(*sources):
     )
 
 
+def grouped_scenes_regex(grouped=True):
+    """Scenes whose rounds run as group jobs (cluster.rounds_per_job > 1), or the others."""
+    scenes = config["scenes"].items()
+    return _names_regex(
+        [n for n, s in scenes if (s["cluster"]["rounds_per_job"] > 1) == grouped]
+    )
+
+
+def round_group(wildcards):
+    """The group job of a round's train_block and sync jobs: rounds_per_job consecutive rounds
+    of one scene (none when 1)."""
+    per_job = scene_config(wildcards)["cluster"]["rounds_per_job"]
+    if per_job <= 1:
+        return None
+    return f"rounds_{wildcards.scene}_{(int(wildcards.r) - 1) // per_job + 1}"
+
+
 def ssim_scenes_regex(ssim=True):
     """Scenes whose partition renders a coarse model (ssim assignment: a GPU job), or the others."""
     scenes = config["scenes"].items()
@@ -410,4 +427,4 @@ wildcard_constraints:
 localrules:
     all,
     configure,
-    sync,
+    sync,  # sync_in_group is not: it runs inside its round set's group job

@@ -4,8 +4,7 @@
 rule evaluate:
     input:
         config=ancient(run_file("config")),
-        decoder=run_file("model_decoder"),
-        anchors=run_file("model_anchors"),
+        decoder=run_file("model_decoder"),  # the merged model: anchors and decoders
         scene=run_file("scene"),
         gsplat=gsplat_build_input,
     output:

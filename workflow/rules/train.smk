@@ -35,6 +35,8 @@ rule train_block:
         "results/{scene}/logs/train_block/round_{r}/block_{b}.log",
     benchmark:
         "results/{scene}/benchmarks/train_block/round_{r}/block_{b}.tsv"
+    group:
+        round_group
     conda:
         "../../envs/mgs.yaml"
     threads: 1
@@ -65,6 +67,8 @@ rule sync:
         "results/{scene}/logs/sync/round_{r}.log",
     benchmark:
         "results/{scene}/benchmarks/sync/round_{r}.tsv"
+    wildcard_constraints:
+        scene=grouped_scenes_regex(False),
     conda:
         "../../envs/mgs.yaml"
     params:
@@ -72,6 +76,18 @@ rule sync:
         settings=stage_trigger("blocks"),
     shell:
         "mgs sync --run {params.run} --round {wildcards.r} > {log} 2>&1"
+
+
+# The same sync inside a group job of several rounds (cluster.rounds_per_job > 1): not a local
+# rule, or the whole group would run on the submit host.
+use rule sync as sync_in_group with:
+    wildcard_constraints:
+        scene=grouped_scenes_regex(True),
+    group:
+        round_group
+    resources:
+        runtime=5,
+        mem_mb=4000,
 
 
 rule finalize_block:
