@@ -51,7 +51,7 @@ def undistort_opencv(xd, yd, **coeffs):
 
 
 def undistort_fisheye(xd, yd, k1=0.0, k2=0.0, k3=0.0, k4=0.0):
-    """Inverse of the OpenCV fisheye model θd = θ(1 + k1θ² + k2θ⁴ + k3θ⁶ + k4θ⁸) by Newton."""
+    """Inverse of the OpenCV fisheye model θd = θ(1 + k1θ² + k2θ⁴ + k3θ⁶ + k4θ⁸) (Newton)."""
     rd = np.hypot(xd, yd)
     theta = rd.copy()
     for _ in range(50):

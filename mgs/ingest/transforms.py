@@ -50,8 +50,8 @@ DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 # camera_model values of the radial-tangential (OpenCV) family: distortion from k1 k2 k3 p1 p2
 OPENCV_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "SIMPLE_RADIAL", "RADIAL")
 FISHEYE_MODEL = "OPENCV_FISHEYE"
-SUPPORTED = ("PINHOLE, OPENCV (k1 k2 p1 p2, optional k3) and OPENCV_FISHEYE (k1 k2 k3 k4) are "
-             "undistorted on ingest")
+SUPPORTED = ("supported: PINHOLE, OPENCV with k1 k2 p1 p2 and optional k3, OPENCV_FISHEYE "
+             "with k1 … k4")
 UNDISTORT_FIX = ("undistort the images first (e.g. with COLMAP: `colmap image_undistorter`, "
                  "then `mgs ingest colmap`) or export the capture with undistorted images and "
                  "zero distortion")
