@@ -168,27 +168,13 @@ def test_ignoring_the_lens_would_fail_the_check(original, tmp_path):
     assert half_res_psnr(captured, render_view(build_city(SYNTH), cam) * 255) < PSNR_MIN - 2
 
 
-TRAIN = dict(iterations=300, lr_max_steps=300, voxel_size=1.0, start_stat=30, update_from=50,
-             update_interval=50, update_until=200, eval_interval=300, checkpoint_interval=300,
-             threads=2, resolution=2, seed=7)
-
-
-@pytest.fixture(scope="module")
-def reference_training(original, tmp_path_factory):
-    """The short run on the pinhole capture, ingested the same way (points triangulated)."""
-    folder = tmp_path_factory.mktemp("reference")
-    write_capture(original, folder / "capture", "ngp")
-    ingest("transforms", folder / "capture", folder / "scene")
-    return train_scene(folder / "scene", folder / "train", TrainConfig.from_dict(TRAIN))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("lens", ["opencv", "fisheye"])
-def test_distorted_capture_triangulates_and_trains_like_the_pinhole_one(
-        original, reference_training, tmp_path, lens):
-    """Points triangulated through the lens from the distorted images, then undistorted: the
-    same geometry as the pinhole capture's, and the same test PSNR within 0.3 dB (each on its
-    own test views: the undistorted ones are cropped to the lens's valid pixels)."""
+def test_points_are_triangulated_through_the_lens(original, tmp_path, lens):
+    """Without ply_file_path the points are triangulated from the distorted images with their
+    lens, then kept through the undistortion: they lie on the city's surfaces like those of the
+    pinhole capture (measured median distance 0.96 m OPENCV, 0.90 m fisheye, 0.85 m pinhole;
+    a pixel covers 0.96 m)."""
     capture = _capture(original, tmp_path / "capture", lens, with_points=False)
     scene = ingest("transforms", capture.parent, tmp_path / "scene")
     assert _centre_error(scene, load_scene(original)) < 1e-4
@@ -196,6 +182,29 @@ def test_distorted_capture_triangulates_and_trains_like_the_pinhole_one(
     distance = distance_to_city(scene.points_xyz)
     assert np.median(distance) < 1.5 * PIXEL_METRES
     assert np.percentile(distance, 75) < 4 * PIXEL_METRES
+
+
+TRAIN = dict(iterations=300, lr_max_steps=300, voxel_size=1.0, start_stat=30, update_from=50,
+             update_interval=50, update_until=200, eval_interval=300, checkpoint_interval=300,
+             threads=2, resolution=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference_training(original, tmp_path_factory):
+    """The short run on the original pinhole scene."""
+    return train_scene(original, tmp_path_factory.mktemp("reference"),
+                       TrainConfig.from_dict(TRAIN))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lens", ["opencv", "fisheye"])
+def test_distorted_capture_trains_like_the_original(original, reference_training, tmp_path,
+                                                    lens):
+    """Same points (the ply), same seed: the undistorted capture's test PSNR is the original's
+    within 0.3 dB, each on its own test views (the undistorted ones are cropped to the lens's
+    valid pixels, so they frame a little more or less of the city)."""
+    capture = _capture(original, tmp_path / "capture", lens, with_points=True)
+    ingest("transforms", capture.parent, tmp_path / "scene")
     ours = train_scene(tmp_path / "scene", tmp_path / "train", TrainConfig.from_dict(TRAIN))
     assert ours["test_views"] == reference_training["test_views"] == 2
     assert ours["test_psnr"] == pytest.approx(reference_training["test_psnr"], abs=0.3)
