@@ -134,7 +134,8 @@ def _run_sfm(args) -> None:
 def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help="convert a paper dataset layout, a COLMAP model or a "
                                       "transforms.json capture into a scene folder (images "
-                                      "downsampled once)")
+                                      "downsampled once; a capture's OpenCV or fisheye lens "
+                                      "undistorted to PINHOLE)")
     p.add_argument("dataset", choices=("mill19", "urbanscene3d", "matrixcity", "colmap",
                                        "transforms"))
     p.add_argument("src", help="dataset folder, e.g. data/mill19/rubble-pixsfm (transforms: the "

@@ -151,18 +151,22 @@ def _edit(path: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"k1": 0.05}, "k1=0.05"),
-    ({"camera_model": "OPENCV_FISHEYE"}, "OPENCV_FISHEYE"),
+    ({"camera_model": "EQUIRECTANGULAR"}, "camera model EQUIRECTANGULAR cannot be undistorted"),
+    ({"k4": 0.01}, "k4=0.01 (an r^8 term) cannot be undistorted"),
+    ({"camera_model": "OPENCV_FISHEYE", "p1": 0.001},
+     "fisheye lens with tangential distortion p1=0.001"),
 ])
-def test_distorted_captures_are_refused_with_the_fix(original, tmp_path, capsys, change,
-                                                     expected):
+def test_lenses_colmap_cannot_undistort_are_refused_with_the_fix(original, tmp_path, capsys,
+                                                                change, expected):
+    """OpenCV and fisheye lenses are undistorted on ingest (tests/test_undistort.py); the rest
+    is refused, naming the frame, the lens and the fix."""
     path = write_capture(original, tmp_path / "ns", "nerfstudio")
     _edit(path, **change)
     out = tmp_path / "scene"
     assert main(["ingest", "transforms", str(path.parent), str(out)]) == 2
     message = capsys.readouterr().err
     assert str(path) in message and "frame 3" in message and expected in message
-    assert "undistort" in message and "COLMAP" in message
+    assert "undistort the images first" in message and "COLMAP" in message
     assert not (out / "scene.json").exists()
 
 

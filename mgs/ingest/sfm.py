@@ -30,6 +30,7 @@ from tqdm import tqdm
 from mgs.atomic import ensure_writable_dir, json_text, refuse_overlap, write_text
 from mgs.errors import InputError, MgsError
 from mgs.ingest.orientation import orientation, wgs84_to_enu
+from mgs.ingest.undistort import replace_dir, undistort_model
 from mgs.scene import MODEL_SUBDIR, SCENE_JSON, Scene, read_colmap, save_scene, split_every
 
 log = logging.getLogger("mgs.ingest.sfm")
@@ -218,17 +219,6 @@ def _map(db: Path, image_dir: Path, out: Path, config: SfmConfig,
         bar.close()
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` onto `dst`, replacing it; an old `dst` is parked first and removed after."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- pipeline
 
 @contextlib.contextmanager
@@ -284,19 +274,16 @@ def run_sfm(image_dir, out_dir, config: SfmConfig | None = None) -> Scene:
         stats = _check_registered(rec, names, config, image_dir, len(models))
         with _timed(times, "undistort", "orienting + undistorting to PINHOLE"):
             method, origin = _orient(rec, priors)
-            (work / "distorted").mkdir()
-            rec.write(work / "distorted")
-            pycolmap.undistort_images(work / "undistorted", work / "distorted", image_dir,
-                                      num_threads=config.threads)
+            undistorted = undistort_model(rec, image_dir, work, config.threads)
             (work / "sparse").mkdir()
-            os.replace(work / "undistorted" / "sparse", work / MODEL_SUBDIR)
+            os.replace(undistorted / "sparse", work / MODEL_SUBDIR)
         log.info("oriented the model: up from %s", method)
         stats.update(orientation=method, origin_wgs84=origin, seconds=times, config=asdict(config),
                      image_dir=os.path.relpath(image_dir.resolve(), out_dir.resolve()))
         # Swap in: scene.json goes first (the scene is incomplete from here) and comes back last.
         (out_dir / SCENE_JSON).unlink(missing_ok=True)
-        _replace_dir(work / "undistorted" / "images", out_dir / "images")
-        _replace_dir(work / "sparse", out_dir / "sparse")
+        replace_dir(undistorted / "images", out_dir / "images")
+        replace_dir(work / "sparse", out_dir / "sparse")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_text(out_dir / REPORT_JSON, json_text(stats))

@@ -8,16 +8,20 @@ with ``frames: [{file_path, transform_matrix, ...}]``. Per frame or shared (top 
 - intrinsics: ``fl_x``/``fl_y``/``cx``/``cy``/``w``/``h`` or ``camera_angle_x`` (and
   ``camera_angle_y``); a json made for another image size is rescaled to the files' size;
 - ``file_path`` relative to the json's folder, with or without extension;
-- distortion (``k1`` … ``k4``, ``p1``, ``p2``) or a non-pinhole ``camera_model``
-  (``OPENCV_FISHEYE``, ``EQUIRECTANGULAR``, instant-ngp's ``is_fisheye``) is refused: training
-  renders pinhole images;
+- lens distortion is undistorted on ingest with COLMAP's undistorter (mgs.ingest.undistort):
+  ``camera_model`` OPENCV (the default) with ``k1 k2 p1 p2`` and optional ``k3`` (COLMAP's OPENCV,
+  or FULL_OPENCV with k3), and OPENCV_FISHEYE (or instant-ngp's ``is_fisheye``) with ``k1 … k4``.
+  The scene then holds PINHOLE images cropped to their valid pixels, so their size and K differ
+  from the capture's. Lenses COLMAP cannot undistort are refused: an OPENCV ``k4`` (an r⁸ term in
+  nerfstudio's convention, not COLMAP's), fisheye ``p1``/``p2``, EQUIRECTANGULAR and other models;
 - ``aabb_scale`` (instant-ngp's scene bound) is recorded in scene.json's ``source``; training does
   not need it;
 - splits: nerfstudio's ``train_filenames``/``val_filenames``/``test_filenames`` or the
   ``transforms_test.json`` file when present, else every 10th view by name is a test view.
 
 Points: nerfstudio's optional ``ply_file_path``, else a triangulation of the given poses with
-pycolmap (SIFT features, matching, triangulation with the poses and intrinsics held fixed).
+pycolmap (SIFT features, matching, triangulation with the poses and intrinsics held fixed) on the
+images as captured, with their lens model.
 """
 
 from __future__ import annotations
@@ -29,28 +33,29 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from mgs.pycolmap_import import pycolmap
 from PIL import Image
 from plyfile import PlyData
 
 from mgs.atomic import ensure_writable_dir, refuse_overlap
-from mgs.errors import InputError, MgsError
+from mgs.errors import InputError
 from mgs.ingest.frames import materialise, opengl_to_colmap, up_vector
-from mgs.scene import SCENE_JSON, Camera, Scene, save_scene, split_every
+from mgs.ingest.triangulate import points_of, triangulate
+from mgs.ingest.undistort import (PINHOLE, Lens, posed_reconstruction, replace_dir,
+                                  undistort_model)
+from mgs.scene import SCENE_JSON, Camera, Scene, read_colmap, save_scene, split_every
 
 log = logging.getLogger("mgs.ingest.transforms")
-pycolmap.logging.minloglevel = 2
 
 DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
-PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "SIMPLE_RADIAL", "RADIAL")
+# camera_model values of the radial-tangential (OpenCV) family: distortion from k1 k2 k3 p1 p2
+OPENCV_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "SIMPLE_RADIAL", "RADIAL")
+FISHEYE_MODEL = "OPENCV_FISHEYE"
+SUPPORTED = ("supported: PINHOLE, OPENCV with k1 k2 p1 p2 and optional k3, OPENCV_FISHEYE "
+             "with k1 … k4")
 UNDISTORT_FIX = ("undistort the images first (e.g. with COLMAP: `colmap image_undistorter`, "
                  "then `mgs ingest colmap`) or export the capture with undistorted images and "
                  "zero distortion")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
-EXHAUSTIVE_LIMIT = 150  # more images than this are matched sequentially (video captures)
-SEQUENTIAL_OVERLAP = 20
-# SIFT's default peak threshold finds too few points on small or smooth images
-PEAK_THRESHOLD = 0.002
 
 
 def ingest_transforms(src, out, factor: int = 1, width: int | None = None,
@@ -60,7 +65,7 @@ def ingest_transforms(src, out, factor: int = 1, width: int | None = None,
     src, out = Path(src), Path(out)
     files = _json_files(src)
     refuse_overlap(out, {"capture folder": files["train"].parent}, "scene folder")
-    train, test, meta = _read_split_files(files)
+    train, test, meta, lenses = _read_split_files(files)
     if not train or len(train) + len(test) < 2:
         raise InputError(f"{files['train']} has {len(train) + len(test)} frame(s) "
                          f"({len(train)} for training); a scene needs at least two, one to "
@@ -68,13 +73,15 @@ def ingest_transforms(src, out, factor: int = 1, width: int | None = None,
     up_vec = up_vector(up or "auto", [c.world_to_camera for c in train])
     ensure_writable_dir(out)
     (out / SCENE_JSON).unlink(missing_ok=True)  # incomplete until save_scene writes it again
-    cameras = materialise(train + test, out / "images", factor, width)
-    names = [c.name for c in cameras]
     ply = meta.get("ply_file_path")
-    if ply:
-        xyz, rgb = read_points_ply(files["train"].parent / ply)
+    ply = files["train"].parent / ply if ply else None
+    if any(lens.distorts for lens in lenses.values()):
+        cameras, names, xyz, rgb = _ingest_undistorted(train + test, lenses, out, factor, width,
+                                                       ply)
     else:
-        xyz, rgb = triangulate(cameras, out)
+        cameras = materialise(train + test, out / "images", factor, width)
+        names = [c.name for c in cameras]
+        xyz, rgb = read_points_ply(ply) if ply else points_of(triangulate(cameras, out))
     source = f"transforms {src.as_posix()} factor={factor}" + (f" width={width}" if width else "")
     if meta.get("aabb_scale") is not None:
         source += f" aabb_scale={meta['aabb_scale']}"
@@ -86,6 +93,33 @@ def ingest_transforms(src, out, factor: int = 1, width: int | None = None,
              len(train), len(test), len(xyz), "from the ply" if ply else "triangulated",
              np.round(up_vec, 3).tolist(), out)
     return scene
+
+
+def _ingest_undistorted(frames: list[Camera], lenses: dict[str, Lens], out: Path, factor: int,
+                        width, ply: Path | None):
+    """Images at the training size, points (the ply's, or triangulated through the lenses),
+    then COLMAP's undistortion of both into `out/images`. Returns the PINHOLE cameras in the
+    order of `frames`, their names, and the points."""
+    work = Path(tempfile.mkdtemp(prefix=".undistort-", suffix=".tmp", dir=out))
+    try:
+        cameras = materialise(frames, work / "distorted-images", factor, width)
+        by_name = {cam.name: lenses[frame.name] for cam, frame in zip(cameras, frames)}
+        if ply:
+            xyz, rgb = read_points_ply(ply)
+            rec = posed_reconstruction(cameras, by_name)
+        else:
+            rec = triangulate(cameras, work, by_name)
+            xyz, rgb = points_of(rec)
+        log.info("undistorting %d images to PINHOLE (%s)", len(cameras),
+                 ", ".join(sorted({lens.model for lens in by_name.values()})))
+        undistorted = undistort_model(rec, work / "distorted-images", work)
+        pinhole, _, _ = read_colmap(undistorted / "sparse", out / "images")
+        replace_dir(undistorted / "images", out / "images")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    by_name = {cam.name: cam for cam in pinhole}
+    names = [cam.name for cam in cameras]
+    return [by_name[name] for name in names], names, xyz, rgb
 
 
 # ---------------------------------------------------------------- reading
@@ -121,20 +155,22 @@ def _load_json(path: Path) -> dict:
 
 
 def _read_split_files(files: dict[str, Path]):
+    """Train and test cameras, the main json, and each camera's lens (by camera name)."""
     meta = _load_json(files["train"])
-    cameras = read_frames(files["train"], meta)
+    cameras, lenses = read_frames(files["train"], meta)
     if "test" in files:
-        return cameras, read_frames(files["test"], _load_json(files["test"]), "test_"), meta
+        test, test_lenses = read_frames(files["test"], _load_json(files["test"]), "test_")
+        return cameras, test, meta, lenses | test_lenses
     listed = meta.get("test_filenames") or meta.get("val_filenames")
     if listed:  # nerfstudio's own split, by file name (with or without the folder/extension)
         test = _named(cameras, listed)
         train_listed = meta.get("train_filenames")
         train = _named(cameras, train_listed) if train_listed else cameras
         test_names = {c.name for c in test}
-        return [c for c in train if c.name not in test_names], test, meta
+        return [c for c in train if c.name not in test_names], test, meta, lenses
     by_name = {cam.name: cam for cam in cameras}
     train_names, test_names = split_every(list(by_name), every=10)
-    return [by_name[n] for n in train_names], [by_name[n] for n in test_names], meta
+    return [by_name[n] for n in train_names], [by_name[n] for n in test_names], meta, lenses
 
 
 def _named(cameras: list[Camera], paths: list) -> list[Camera]:
@@ -142,10 +178,11 @@ def _named(cameras: list[Camera], paths: list) -> list[Camera]:
     return [c for c in cameras if c.name in wanted or Path(c.name).stem in wanted]
 
 
-def read_frames(path: Path, meta: dict, prefix: str = "") -> list[Camera]:
-    """The frames of one transforms json as Cameras (world→camera, OpenCV axes)."""
+def read_frames(path: Path, meta: dict, prefix: str = "") -> tuple[list[Camera], dict[str, Lens]]:
+    """The frames of one transforms json as Cameras (world→camera, OpenCV axes), and each
+    camera's lens by name."""
 
-    cameras = []
+    cameras, lenses = [], {}
     for index, frame in enumerate(meta["frames"]):
         def get(key, default=None, frame=frame):
             return frame.get(key, meta.get(key, default))
@@ -154,7 +191,7 @@ def read_frames(path: Path, meta: dict, prefix: str = "") -> list[Camera]:
                 or "transform_matrix" not in frame:
             raise InputError(f"{path}: frame {index} lacks file_path or transform_matrix")
         where = f"{path}: frame {index} ({frame['file_path']})"
-        _check_pinhole(get, where)
+        lens = _lens(get, where)
         image_path = _find_image(path.parent, frame["file_path"], where)
         try:
             with Image.open(image_path) as img:
@@ -171,6 +208,7 @@ def read_frames(path: Path, meta: dict, prefix: str = "") -> list[Camera]:
         cameras.append(Camera(name=prefix + image_path.name, K=_intrinsics(get, w, h, where),
                               width=w, height=h, world_to_camera=opengl_to_colmap(c2w),
                               image_path=image_path))
+        lenses[cameras[-1].name] = lens
     if not cameras:
         raise InputError(f"{path} has no frames")
     names = [c.name for c in cameras]
@@ -178,20 +216,34 @@ def read_frames(path: Path, meta: dict, prefix: str = "") -> list[Camera]:
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise InputError(f"{path}: several frames use images named {dupes[:5]}; a scene keeps "
                          "its images in one folder, so file names must be unique")
-    return cameras
+    return cameras, lenses
 
 
-def _check_pinhole(get, where: str) -> None:
+def _lens(get, where: str) -> Lens:
+    """The frame's lens as a COLMAP model the undistorter inverts; refused when there is none."""
     model = str(get("camera_model", "OPENCV")).upper()
-    if model not in PINHOLE_MODELS or get("is_fisheye", False):
-        name = model if model not in PINHOLE_MODELS else "fisheye (is_fisheye)"
-        raise InputError(f"{where}: camera model {name} is not a pinhole camera; "
-                         f"{UNDISTORT_FIX}")
-    distortion = {key: float(get(key, 0.0) or 0.0) for key in DISTORTION_KEYS}
-    if any(abs(value) > 1e-9 for value in distortion.values()):
-        nonzero = ", ".join(f"{k}={v:g}" for k, v in distortion.items() if v)
-        raise InputError(f"{where}: lens distortion {nonzero}; training needs pinhole images: "
-                         f"{UNDISTORT_FIX}")
+    fisheye = model == FISHEYE_MODEL or bool(get("is_fisheye", False))
+    if model not in OPENCV_MODELS + (FISHEYE_MODEL,):
+        raise InputError(f"{where}: camera model {model} cannot be undistorted on ingest "
+                         f"({SUPPORTED}); {UNDISTORT_FIX}")
+    try:
+        k1, k2, k3, k4, p1, p2 = (float(get(key, 0.0) or 0.0) for key in DISTORTION_KEYS)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where}: distortion coefficients must be numbers ({exc})") from exc
+    if fisheye:
+        if p1 or p2:  # COLMAP's OPENCV_FISHEYE has no tangential terms
+            raise InputError(f"{where}: fisheye lens with tangential distortion p1={p1:g} "
+                             f"p2={p2:g} cannot be undistorted on ingest ({SUPPORTED}); "
+                             f"{UNDISTORT_FIX}")
+        return Lens(FISHEYE_MODEL, (k1, k2, k3, k4))
+    if k4:  # nerfstudio's k4 multiplies r^8; COLMAP's FULL_OPENCV k4 divides: not the same lens
+        raise InputError(f"{where}: lens distortion k4={k4:g} (an r^8 term) cannot be "
+                         f"undistorted on ingest ({SUPPORTED}); {UNDISTORT_FIX}")
+    if k3:
+        return Lens("FULL_OPENCV", (k1, k2, p1, p2, k3, 0.0, 0.0, 0.0))
+    if k1 or k2 or p1 or p2:
+        return Lens("OPENCV", (k1, k2, p1, p2))
+    return PINHOLE
 
 
 def _intrinsics(get, w: int, h: int, where: str) -> np.ndarray:
@@ -241,98 +293,3 @@ def read_points_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:
     else:
         rgb = np.full((len(xyz), 3), 128, np.uint8)
     return xyz, rgb
-
-
-# ---------------------------------------------------------- triangulation
-
-def triangulate(cameras: list[Camera], work_parent: Path,
-                threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse points from the images with the cameras' poses and intrinsics held fixed:
-    SIFT features → matching (exhaustive, or sequential past EXHAUSTIVE_LIMIT images) →
-    triangulation (pycolmap). All images must share one folder."""
-    image_dir = cameras[0].image_path.parent
-    by_name = {cam.name: cam for cam in cameras}
-    work = Path(tempfile.mkdtemp(prefix=".triangulate-", suffix=".tmp", dir=work_parent))
-    db = work / "database.db"
-    try:
-        _features(db, image_dir, cameras, threads)
-        _match(db, len(cameras), threads)
-        rec = _posed_reconstruction(db, by_name)
-        log.info("triangulating the given poses from %d images", len(cameras))
-        (work / "model").mkdir()
-        result = pycolmap.triangulate_points(rec, db, image_dir, work / "model")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    points = list(result.points3D.values())
-    if not points:
-        raise InputError(f"no 3D point could be triangulated from the {len(cameras)} images in "
-                         f"{image_dir}: no two images share enough features. The images must "
-                         "overlap and the poses must match them; or give points with "
-                         "ply_file_path")
-    xyz = np.array([p.xyz for p in points], np.float64).reshape(-1, 3)
-    rgb = np.array([p.color for p in points], np.uint8).reshape(-1, 3)
-    log.info("triangulated %d points, mean reprojection error %.2f px", len(xyz),
-             result.compute_mean_reprojection_error())
-    return xyz, rgb
-
-
-def _features(db: Path, image_dir: Path, cameras: list[Camera], threads: int) -> None:
-    options = pycolmap.FeatureExtractionOptions()
-    options.num_threads = threads
-    options.sift.peak_threshold = PEAK_THRESHOLD
-    reader = pycolmap.ImageReaderOptions()
-    reader.camera_model = "PINHOLE"
-    log.info("extracting features of %d images", len(cameras))
-    pycolmap.extract_features(db, image_dir, image_names=[c.name for c in cameras],
-                              camera_mode=pycolmap.CameraMode.PER_IMAGE, reader_options=reader,
-                              extraction_options=options, device=pycolmap.Device.auto)
-    by_name = {cam.name: cam for cam in cameras}
-    database = pycolmap.Database.open(db)
-    try:  # the known intrinsics replace COLMAP's guesses, so matching verifies with them
-        for image in database.read_all_images():
-            camera, K = database.read_camera(image.camera_id), by_name[image.name].K
-            camera.params = [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]
-            camera.has_prior_focal_length = True
-            database.update_camera(camera)
-    finally:
-        database.close()
-
-
-def _match(db: Path, count: int, threads: int) -> None:
-    options = pycolmap.FeatureMatchingOptions()
-    options.num_threads = threads
-    verification = pycolmap.TwoViewGeometryOptions()
-    verification.ransac.random_seed = 0  # reruns give the same points
-    kwargs = dict(matching_options=options, verification_options=verification,
-                  device=pycolmap.Device.auto)
-    if count <= EXHAUSTIVE_LIMIT:
-        log.info("matching all %d image pairs", count * (count - 1) // 2)
-        pycolmap.match_exhaustive(db, **kwargs)
-    else:
-        log.info("matching each image with its %d neighbours by name", SEQUENTIAL_OVERLAP)
-        pairing = pycolmap.SequentialPairingOptions()
-        pairing.overlap = SEQUENTIAL_OVERLAP
-        pycolmap.match_sequential(db, pairing_options=pairing, **kwargs)
-
-
-def _posed_reconstruction(db: Path, by_name: dict[str, Camera]) -> pycolmap.Reconstruction:
-    """The database's cameras and images (same ids, one rig and frame each) with our poses."""
-    rec = pycolmap.Reconstruction()
-    database = pycolmap.Database.open(db)
-    try:
-        for camera in database.read_all_cameras():
-            rec.add_camera_with_trivial_rig(camera)
-        for image in database.read_all_images():
-            frame = database.read_frame(image.frame_id)
-            if frame.frame_id != image.image_id or frame.rig_id != image.camera_id:
-                raise MgsError(f"{db}: image {image.image_id} is in frame {frame.frame_id} of "
-                               f"rig {frame.rig_id}; expected one rig per camera")
-            pose = by_name[image.name].world_to_camera
-            rec.add_image_with_trivial_frame(
-                pycolmap.Image(name=image.name, camera_id=image.camera_id,
-                               image_id=image.image_id),
-                pycolmap.Rigid3d(pycolmap.Rotation3d(np.ascontiguousarray(pose[:3, :3])),
-                                 np.ascontiguousarray(pose[:3, 3])))
-    finally:
-        database.close()
-    return rec
