@@ -382,11 +382,10 @@ def test_a_rerun_of_the_last_round_without_finalize_rebuilds_sync_then_merge(ci_
     target = str(RUN / "model" / "decoder.pt")
     snakemake(ci_copy, "--cores", "2", f"--configfile={no_final}", target)
     run = ci_copy / RUN
-    jobs = planned_jobs(ci_copy, f"--configfile={no_final}", "-R",
-                        str(RUN / "rounds/2/block_1.pt"), target)
+    rerun = [f"--configfile={no_final}", target, "-R", str(RUN / "rounds/2/block_1.pt")]
+    jobs = planned_jobs(ci_copy, *rerun)  # the target before -R, which takes every word after it
     assert sorted(j["rule"] for j in jobs) == ["merge", "sync", "train_block"]
-    snakemake(ci_copy, "--cores", "2", f"--configfile={no_final}", "-R",
-              str(RUN / "rounds/2/block_1.pt"), target)
+    snakemake(ci_copy, "--cores", "2", *rerun)
     shared = load_checkpoint(run / "rounds" / "2" / "shared.pt")
     decoder = load_checkpoint(run / "model" / "decoder.pt")["decoders"][0]
     student = shared["student"]
