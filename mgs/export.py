@@ -1,7 +1,9 @@
 """`mgs export`: the merged model in a compressed layout that web viewers load, and what it costs.
 
 Format ``splat`` (file ``.splat``, see mgs.splat for the byte layout): the headerless
-32-bytes-per-Gaussian layout of the antimatter15/splat WebGL viewer, read by most web 3DGS viewers.
+32-bytes-per-Gaussian layout of the antimatter15/splat WebGL viewer, read by most web 3DGS viewers;
+one colour per Gaussian, the PLY's SH averaged over the training views. Format ``spz`` (file ``.spz``, see mgs.spz): Niantic's gzip-compressed
+quantised layout, with the PLY's spherical harmonics.
 
 `mgs export RUN` reads ``RUN/model/splats.ply`` (written by `mgs merge`), writes
 ``RUN/model/splats.splat`` and measures it in ``RUN/model/export.csv``: bytes of both files, the
@@ -21,16 +23,20 @@ from mgs.errors import InputError
 
 log = logging.getLogger("mgs.export")
 
-FORMATS = ("splat",)
-SUFFIXES = {"splat": ".splat"}
+FORMATS = ("splat", "spz")
+SUFFIXES = {"splat": ".splat", "spz": ".spz"}
 EXPORT_CSV = "export.csv"
 
 
 def _codec(fmt: str):
     """(writer, reader) of a format; imported on use, so `mgs --help` stays fast."""
+    if fmt == "spz":
+        from mgs.spz import read_spz, write_spz
+
+        return write_spz, read_spz
     from mgs.splat import read_splat, write_splat
 
-    return {"splat": (write_splat, read_splat)}[fmt]
+    return write_splat, read_splat
 
 
 def export_run(run_dir: str | Path, fmt: str = "splat", out: str | Path | None = None,
@@ -51,6 +57,8 @@ def export_run(run_dir: str | Path, fmt: str = "splat", out: str | Path | None =
     target = Path(out) if out else ply.with_suffix(SUFFIXES[fmt])
     ensure_writable_dir(target.parent)
     gaussians = read_splats(ply)
+    if fmt == "splat" and gaussians["sh"].shape[1] > 1:
+        gaussians = dict(gaussians, colors=_training_view_colors(run_dir, gaussians))
     write(gaussians, target)
     row = {"format": fmt, "file": target.name, "gaussians": len(gaussians["means"]),
            "sh_degree": int(round(gaussians["sh"].shape[1] ** 0.5)) - 1,
@@ -60,9 +68,34 @@ def export_run(run_dir: str | Path, fmt: str = "splat", out: str | Path | None =
              row["gaussians"], row["bytes"], row["ply_bytes"], row["compression"])
     if measure:
         row.update(compare_renders(run_dir, gaussians, read(target)))
-        with atomic_path(target.parent / EXPORT_CSV) as tmp:
-            pd.DataFrame([row]).to_csv(tmp, index=False, float_format="%.6g")
+        table = target.parent / EXPORT_CSV
+        rows = [row]
+        if table.is_file():  # one row per format: this one replaces its own
+            previous = pd.read_csv(table)
+            if {"format", "file"} <= set(previous.columns):
+                keep = (previous["format"] != fmt) & (previous["file"] != target.name)
+                rows = previous[keep].to_dict("records") + rows
+        with atomic_path(table) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
     return row
+
+
+def _training_view_colors(run_dir: Path, gaussians: dict):
+    """The PLY's SH colours averaged over the training cameras: the .splat's one colour."""
+    import numpy as np
+    import torch
+
+    from mgs.blocks import Run
+    from mgs.sh import mean_view_colors
+
+    try:
+        cameras = Run.open(run_dir).scene().train_cameras()
+    except InputError as exc:  # a PLY without its run: the DC colour alone
+        log.warning("no training cameras to average the SH colours over (%s); the .splat "
+                    "keeps the degree-0 term", exc)
+        return gaussians["colors"]
+    centers = torch.as_tensor(np.stack([c.center for c in cameras]), dtype=torch.float32)
+    return mean_view_colors(gaussians["sh"], gaussians["means"], centers)
 
 
 def compare_renders(run_dir: Path, reference: dict, decoded: dict) -> dict:
@@ -102,8 +135,9 @@ def compare_renders(run_dir: Path, reference: dict, decoded: dict) -> dict:
                         width=cam.width, height=cam.height, background=background,
                         backend=run.train.backend)
             ply_image = render_splats(ply, **view).image.clamp(0, 1)
-            export_image = render(export["means"], export["quats"], export["scales"],
-                                  export["opacities"], export["colors"], **view).image.clamp(0, 1)
+            export_image = (render_splats(export, **view) if "sh" in export else
+                            render(export["means"], export["quats"], export["scales"],
+                                   export["opacities"], export["colors"], **view)).image.clamp(0, 1)
             gt = load_image(camera, factor, scene.scene_dir, background.tolist()).to(device)
             if native is not None:
                 row = (native.appearance.choose(torch.as_tensor(camera.center),
@@ -145,8 +179,11 @@ def add_parser(sub) -> None:
                                       "layout web viewers load, and measure its size and PSNR")
     p.add_argument("run", help="run folder (with model/splats.ply from `mgs merge`)")
     p.add_argument("--format", default="splat", choices=FORMATS,
-                   help="splat: 32 bytes per Gaussian (the antimatter15/splat viewer layout)")
-    p.add_argument("--out", default=None, help="file to write (default RUN/model/splats.splat)")
+                   help="splat: 32 bytes per Gaussian, degree-0 colour (the antimatter15/splat "
+                        "viewer layout); spz: Niantic's compressed format with the PLY's "
+                        "spherical harmonics (needs the spz extra: gsply)")
+    p.add_argument("--out", default=None,
+                   help="file to write (default RUN/model/splats.splat or splats.spz)")
     p.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip rendering the test views (no export.csv)")
     p.set_defaults(func=lambda args: export_run(args.run, args.format, args.out, args.measure))

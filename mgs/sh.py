@@ -174,3 +174,13 @@ def bake_sh(decoder, anchors, selected: torch.Tensor, latent, cameras: FitCamera
     if not parts:
         return torch.zeros(0, count, 3)
     return torch.cat(parts)
+
+
+def mean_view_colors(sh: torch.Tensor, means: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The colour (N, 3) each Gaussian shows averaged over the cameras at `centers` (C, 3): the
+    one colour to keep where a format has no SH (its DC term alone is the average over every
+    direction of the sphere, not over the views the model was fitted on)."""
+    total = torch.zeros(means.shape[0], 3, dtype=torch.float64)
+    for center in centers:
+        total += sh_colors(sh, means, center).double()
+    return (total / max(len(centers), 1)).to(means.dtype)
