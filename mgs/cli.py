@@ -180,7 +180,7 @@ def _add_block_verbs(sub) -> None:
         ("--out", dict(help="model folder (default RUN/model)")),
         ("--sh-degree", dict(type=int, choices=range(4), default=None,
                              help="spherical-harmonics degree of splats.ply's colours, fitted to "
-                                  "the decoder over the training views (default 3)")))
+                                  "the decoder over the training views (default 1)")))
 
 
 def _open_run(args):
