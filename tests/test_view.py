@@ -178,8 +178,8 @@ def test_viewer_renders_small_while_moving_and_at_the_canvas_size_at_rest(viewed
             # first the small frame, then one at the canvas size (the page minus the panel)
             assert max(sizes[0]) == 64 and min(sizes[-1]) > 4 * 64, sizes
             assert moving.std() > 8 and rest.std() > 8  # both show the model
-            # measured 1.45x on this tiny, blurry model; a 64 px frame stretched to the window is flat
-    assert _gradient_energy(rest) > 1.25 * _gradient_energy(moving)
+            # 1.45x measured on this tiny, blurry model: the 64 px frame stretched is flatter
+            assert _gradient_energy(rest) > 1.25 * _gradient_energy(moving)
     finally:
         viewer.close()
 
