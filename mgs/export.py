@@ -2,8 +2,9 @@
 
 Format ``splat`` (file ``.splat``, see mgs.splat for the byte layout): the headerless
 32-bytes-per-Gaussian layout of the antimatter15/splat WebGL viewer, read by most web 3DGS viewers;
-one colour per Gaussian, the PLY's SH averaged over the training views. Format ``spz`` (file ``.spz``, see mgs.spz): Niantic's gzip-compressed
-quantised layout, with the PLY's spherical harmonics.
+one colour per Gaussian, the PLY's SH averaged over the training views that see it. Format
+``spz`` (file ``.spz``, see mgs.spz): Niantic's gzip-compressed quantised layout, with the PLY's
+spherical harmonics.
 
 `mgs export RUN` reads ``RUN/model/splats.ply`` (written by `mgs merge`), writes
 ``RUN/model/splats.splat`` and measures it in ``RUN/model/export.csv``: bytes of both files, the
@@ -82,20 +83,17 @@ def export_run(run_dir: str | Path, fmt: str = "splat", out: str | Path | None =
 
 def _training_view_colors(run_dir: Path, gaussians: dict):
     """The PLY's SH colours averaged over the training cameras: the .splat's one colour."""
-    import numpy as np
-    import torch
-
     from mgs.blocks import Run
-    from mgs.sh import mean_view_colors
+    from mgs.sh import FitCameras, mean_view_colors
 
     try:
-        cameras = Run.open(run_dir).scene().train_cameras()
+        run = Run.open(run_dir)
+        cameras = [c.scaled(run.train.resolution) for c in run.scene().train_cameras()]
     except InputError as exc:  # a PLY without its run: the DC colour alone
         log.warning("no training cameras to average the SH colours over (%s); the .splat "
                     "keeps the degree-0 term", exc)
         return gaussians["colors"]
-    centers = torch.as_tensor(np.stack([c.center for c in cameras]), dtype=torch.float32)
-    return mean_view_colors(gaussians["sh"], gaussians["means"], centers)
+    return mean_view_colors(gaussians["sh"], gaussians["means"], FitCameras(cameras))
 
 
 def compare_renders(run_dir: Path, reference: dict, decoded: dict) -> dict:

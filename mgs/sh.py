@@ -106,15 +106,20 @@ def fit_sh_reference(dirs: np.ndarray, colors: np.ndarray, weights: np.ndarray, 
     return out
 
 
-def _views_of(xyz: torch.Tensor, cameras: "FitCameras", max_views: int):
-    """Per anchor: the indices (A, M) of the cameras to fit on and their weights (A, M): cameras
-    whose frame holds the anchor first (weight 1), nearest first; then the nearest others."""
+def _in_frame(xyz: torch.Tensor, cameras: "FitCameras") -> torch.Tensor:
+    """(C, A) bool: the point is in front of the camera and within its frame (10% margin)."""
     local = torch.einsum("cij,aj->cai", cameras.rotations, xyz) + cameras.translations[:, None]
     depth = local[..., 2]
     pixels = torch.einsum("cij,caj->cai", cameras.intrinsics, local)
     pixels = pixels[..., :2] / depth.clamp_min(1e-9)[..., None]
     size = cameras.sizes[:, None, :]
-    inside = (depth > 0) & (pixels >= -0.1 * size).all(-1) & (pixels <= 1.1 * size).all(-1)
+    return (depth > 0) & (pixels >= -0.1 * size).all(-1) & (pixels <= 1.1 * size).all(-1)
+
+
+def _views_of(xyz: torch.Tensor, cameras: "FitCameras", max_views: int):
+    """Per anchor: the indices (A, M) of the cameras to fit on and their weights (A, M): cameras
+    whose frame holds the anchor first (weight 1), nearest first; then the nearest others."""
+    inside = _in_frame(xyz, cameras)
     distance = torch.cdist(xyz, cameras.centers)  # (A, C)
     score = distance - inside.T * (distance.max() + 1)  # visible ones rank first
     views = score.topk(min(max_views, cameras.count), dim=1, largest=False).indices
@@ -176,11 +181,18 @@ def bake_sh(decoder, anchors, selected: torch.Tensor, latent, cameras: FitCamera
     return torch.cat(parts)
 
 
-def mean_view_colors(sh: torch.Tensor, means: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """The colour (N, 3) each Gaussian shows averaged over the cameras at `centers` (C, 3): the
-    one colour to keep where a format has no SH (its DC term alone is the average over every
-    direction of the sphere, not over the views the model was fitted on)."""
-    total = torch.zeros(means.shape[0], 3, dtype=torch.float64)
-    for center in centers:
-        total += sh_colors(sh, means, center).double()
-    return (total / max(len(centers), 1)).to(means.dtype)
+def mean_view_colors(sh: torch.Tensor, means: torch.Tensor, cameras: FitCameras,
+                     chunk_floats: int = FIT_CHUNK_FLOATS) -> torch.Tensor:
+    """The colour (N, 3) each Gaussian shows averaged over the training cameras, weighted as the
+    fit weights them (those whose frame holds it): the one colour to keep where a format has no
+    SH (the DC term alone is the average over the whole sphere, not over the views)."""
+    step = max(1, chunk_floats // (4 * cameras.count))
+    parts = []
+    for start in range(0, len(means), step):
+        xyz, coefficients = means[start:start + step], sh[start:start + step]
+        weights = torch.where(_in_frame(xyz, cameras), 1.0, OUT_OF_VIEW_WEIGHT).double()
+        total = torch.zeros(len(xyz), 3, dtype=torch.float64)
+        for camera, weight in zip(cameras.centers, weights):
+            total += weight[:, None] * sh_colors(coefficients, xyz, camera).double()
+        parts.append((total / weights.sum(0)[:, None]).to(means.dtype))
+    return torch.cat(parts) if parts else means.new_zeros(0, 3)
