@@ -138,3 +138,21 @@ def test_ply_columns_follow_the_3dgs_layout(tmp_path):
         for index in range(15):
             assert np.array_equal(vertex[f"f_rest_{channel * 15 + index}"],
                                   sh[:, 1 + index, channel].numpy())
+
+
+def test_mean_view_colour_is_the_average_over_the_cameras_that_see_a_gaussian():
+    from mgs.sh import mean_view_colors
+
+    cameras = ring_cameras(8, radius=3.0, height=1.5)
+    fit = FitCameras(cameras)
+    sh = torch.randn(40, 4, 3, generator=torch.Generator().manual_seed(5)) * 0.2
+    means = torch.rand(40, 3, generator=torch.Generator().manual_seed(6)) * 0.4 - 0.2
+    # every camera looks at the origin: all see these points, so the plain mean
+    expected = torch.stack([sh_colors(sh, means, c) for c in fit.centers]).mean(0)
+    assert torch.allclose(mean_view_colors(sh, means, fit), expected, atol=1e-5)
+    assert torch.allclose(mean_view_colors(sh, means, fit, chunk_floats=64), expected, atol=1e-5)
+    # a point behind every camera's back still gets a colour, the plain mean again
+    far = torch.tensor([[0.0, 0.0, 50.0]])
+    assert torch.allclose(mean_view_colors(sh[:1], far, fit),
+                          torch.stack([sh_colors(sh[:1], far, c) for c in fit.centers]).mean(0),
+                          atol=1e-5)
