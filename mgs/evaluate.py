@@ -73,7 +73,7 @@ def evaluate_run(run_dir: str | Path, config_path: str | Path | None = None,
         torch.set_num_threads(run.train.threads)
     backend = backend or run.train.backend
     used_backend = choose_backend(backend, dev)  # what render() will pick: fails early if broken
-    model = _model_to(model, dev)
+    model = model_to(model, dev)
     factor = run.train.resolution
     background = torch.tensor(run.train.background, dtype=torch.float32, device=dev)
 
@@ -125,7 +125,7 @@ def evaluate_run(run_dir: str | Path, config_path: str | Path | None = None,
     return metrics
 
 
-def _model_to(model: MergedModel, device: torch.device) -> MergedModel:
+def model_to(model: MergedModel, device: torch.device) -> MergedModel:
     if device.type == "cpu":
         return model
     return MergedModel(model.anchors.to(device), model.anchor_block.to(device),

@@ -3,10 +3,12 @@
 Each block keeps only the anchors inside its own cells (half-open, so every anchor lands in
 exactly one block); the decoder is the last student average (or one decoder per block in the
 `independent` ablation mode). Exports: `anchors.ply` (Scaffold-GS property layout),
-`decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians. With appearance
-latents, decoder.pt also carries the table (the last sync's per-image average, or one table per
-block when blocks keep their own decoders) with the training cameras' names and centres, and
-splats.ply bakes the mean latent in.
+`decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians: which Gaussians
+exist, their opacity, shape and rotation as seen from the training cameras' mean centre, their
+colour as spherical harmonics (`f_dc_*`, `f_rest_*`, degree `sh_degree`) fitted to the decoder's
+colours from the training cameras (mgs.sh). With appearance latents, decoder.pt also carries the
+table (the last sync's per-image average, or one table per block when blocks keep their own
+decoders) with the training cameras' names and centres, and splats.ply bakes the mean latent in.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ from mgs.appearance import AppearanceImages, choose_row, latent_for
 from mgs.atomic import atomic_path, ensure_writable_dir
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.errors import InputError
-from mgs.model import INIT_OPACITY, Anchors, Decoder, decode, decode_attributes, neural_gaussians
+from mgs.model import (INIT_OPACITY, Anchors, Decoder, camera_center, decode, decode_attributes,
+                       neural_gaussians)
 from mgs.render import render
+from mgs.sh import DEFAULT_SH_DEGREE, SH_C0, FitCameras, bake_sh, check_degree, sh_colors
 
 log = logging.getLogger("mgs.merge")
-
-SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant
-
 
 @dataclass
 class ModelAppearance:
@@ -63,7 +64,7 @@ class MergedModel:
                  decoder) for i, decoder in enumerate(self.decoders)]
 
 
-def merge_blocks(run, out_dir: str | Path) -> MergedModel:
+def merge_blocks(run, out_dir: str | Path, sh_degree: int = DEFAULT_SH_DEGREE) -> MergedModel:
     """Crop each finalized block to its own cells and concatenate (see module docstring)."""
     partition = run.partition()
     n = len(partition.blocks)
@@ -93,11 +94,11 @@ def merge_blocks(run, out_dir: str | Path) -> MergedModel:
     out_dir = ensure_writable_dir(out_dir)
     save_model(model, out_dir / "decoder.pt")
     write_anchor_ply(model.anchors, out_dir / "anchors.ply")
-    center = torch.as_tensor(np.mean([c.center for c in run.scene().train_cameras()], axis=0),
-                             dtype=torch.float32)
-    count = export_splats(model, out_dir / "splats.ply", center)
-    log.info("merged %d anchors from %d blocks; %d Gaussians in splats.ply", model.anchors.count,
-             n, count)
+    cameras = [c.scaled(run.train.resolution) for c in run.scene().train_cameras()]
+    center = torch.as_tensor(np.mean([c.center for c in cameras], axis=0), dtype=torch.float32)
+    count = export_splats(model, out_dir / "splats.ply", center, cameras, sh_degree)
+    log.info("merged %d anchors from %d blocks; %d Gaussians in splats.ply (SH degree %d)",
+             model.anchors.count, n, count, sh_degree)
     return model
 
 
@@ -208,23 +209,38 @@ def read_anchor_ply(path: str | Path) -> Anchors:
 
 
 @torch.no_grad()
-def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor) -> int:
-    """Decode every anchor once, as seen from `view_center`, and write a 3DGS PLY (colours as
-    SH degree 0). Returns the number of Gaussians written."""
-    gaussians = []
+def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor, cameras=None,
+                  sh_degree: int = 0) -> int:
+    """Decode every anchor once, as seen from `view_center`, and write a 3DGS PLY. Colours: with
+    `cameras` (the training cameras), SH of degree `sh_degree` fitted to the decoder's colours
+    from them; without, the colour seen from `view_center` (degree 0). Returns the number of
+    Gaussians written."""
+    check_degree(sh_degree)
+    if cameras is None and sh_degree:
+        raise ValueError("a view-dependent export needs the training cameras to fit on")
+    fit = FitCameras(cameras) if cameras is not None else None
+    gaussians, coefficients = [], []
     for (anchors, decoder), latent in zip(model.groups(), _latents(model, None)):
         everything = torch.ones(anchors.count, dtype=torch.bool)
         attrs = decode_attributes(decoder, anchors, everything, view_center, latent)
         gaussians.append(neural_gaussians(anchors, everything, attrs))
+        if fit is None:
+            coefficients.append(((gaussians[-1].colors - 0.5) / SH_C0)[:, None])
+        else:
+            coefficients.append(bake_sh(decoder, anchors, gaussians[-1].selected, latent, fit,
+                                        sh_degree))
     means = torch.cat([g.means for g in gaussians])
     opacity = torch.cat([g.opacities for g in gaussians]).clamp(1e-6, 1 - 1e-6)
-    colors = torch.cat([g.colors for g in gaussians])
+    sh = torch.cat(coefficients)  # (N, K, 3)
     scales = torch.cat([g.scales for g in gaussians]).clamp_min(1e-12)
     quats = torch.cat([g.quats for g in gaussians])
     n = means.shape[0]
     columns = {"x": means[:, 0], "y": means[:, 1], "z": means[:, 2],
                "nx": torch.zeros(n), "ny": torch.zeros(n), "nz": torch.zeros(n)}
-    columns.update({f"f_dc_{i}": (colors[:, i] - 0.5) / SH_C0 for i in range(3)})
+    columns.update({f"f_dc_{i}": sh[:, 0, i] for i in range(3)})
+    # f_rest channel-major (all R coefficients, then G, then B), as the 3DGS PLY layout
+    rest = sh[:, 1:].transpose(1, 2).reshape(n, -1)
+    columns.update({f"f_rest_{i}": rest[:, i] for i in range(rest.shape[1])})
     columns["opacity"] = torch.log(opacity / (1 - opacity))
     columns.update({f"scale_{i}": torch.log(scales[:, i]) for i in range(3)})
     columns.update({f"rot_{i}": quats[:, i] for i in range(4)})
@@ -233,18 +249,37 @@ def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor) -> 
 
 
 def read_splats(path: str | Path) -> dict[str, torch.Tensor]:
-    """A 3DGS PLY back as render() inputs (means, quats, scales, opacities, colors)."""
+    """A 3DGS PLY back as render() inputs (means, quats, scales, opacities, colors: the
+    degree-0 colour) plus its SH coefficients `sh` (N, (degree+1)², 3); see render_splats."""
     vertex = _read_vertices(path, ("x", "y", "z", "rot_0", "rot_1", "rot_2", "rot_3", "scale_0",
                                    "scale_1", "scale_2", "opacity", "f_dc_0", "f_dc_1", "f_dc_2"))
+    names = vertex.data.dtype.names
+    rest = sum(name.startswith("f_rest_") for name in names)
+    if rest % 3 or int(round((rest // 3 + 1) ** 0.5)) ** 2 != rest // 3 + 1:
+        raise InputError(f"PLY file {path} has {rest} f_rest_* columns, not 3 × ((degree+1)² - 1)"
+                         " for a degree of 1 to 3; export it again")
 
     def cols(*names):
         return torch.as_tensor(np.stack([vertex[name] for name in names], 1))
 
+    dc = cols("f_dc_0", "f_dc_1", "f_dc_2")
+    sh = dc[:, None]
+    if rest:
+        sh = torch.cat([sh, cols(*[f"f_rest_{i}" for i in range(rest)])
+                        .reshape(-1, 3, rest // 3).transpose(1, 2)], dim=1)
     return {"means": cols("x", "y", "z"),
             "quats": cols("rot_0", "rot_1", "rot_2", "rot_3"),
             "scales": torch.exp(cols("scale_0", "scale_1", "scale_2")),
             "opacities": torch.sigmoid(cols("opacity")[:, 0]),
-            "colors": cols("f_dc_0", "f_dc_1", "f_dc_2") * SH_C0 + 0.5}
+            "colors": (dc * SH_C0 + 0.5).clamp_min(0.0), "sh": sh.contiguous()}
+
+
+def render_splats(splats: dict[str, torch.Tensor], viewmat, K, width, height, background=None,
+                  backend="auto"):
+    """Render read_splats' Gaussians as a 3DGS viewer does: SH evaluated for this camera."""
+    colors = sh_colors(splats["sh"], splats["means"], camera_center(viewmat))
+    return render(splats["means"], splats["quats"], splats["scales"], splats["opacities"], colors,
+                  viewmat, K, width, height, background=background, backend=backend)
 
 
 def _write_ply(columns: dict[str, torch.Tensor], path: Path) -> None:

@@ -7,8 +7,8 @@ WebGL viewer, read by most web 3DGS viewers. Per Gaussian, little-endian::
     bytes 28-31  rotation w, x, y, z     4 × uint8   (unit quaternion q stored as 128 + 128·q)
 
 Gaussians are written largest first (volume × opacity), as that viewer's converter does, so a
-viewer that streams the file shows the big ones first. Only the degree-0 colour is kept (mgs's
-splats.ply has no higher spherical harmonics: its colours are decoded for one viewpoint).
+viewer that streams the file shows the big ones first. One colour per Gaussian: `mgs export`
+passes the PLY's spherical harmonics averaged over the training views.
 Quantisation: colour and opacity to 1/255 (±0.5/255 after rounding), each quaternion component
 to 1/128 (±0.5/128) before renormalisation; positions and scales are exact float32.
 """

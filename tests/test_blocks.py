@@ -11,9 +11,9 @@ from PIL import Image
 from mgs.blocks import Run, finalize_block, init_blocks, sync_round, train_block
 from mgs.checkpoint import load_checkpoint
 from mgs.errors import InputError
-from mgs.merge import load_model, merge_blocks, read_anchor_ply, read_splats, render_model
+from mgs.merge import (load_model, merge_blocks, read_anchor_ply, read_splats, render_model,
+                       render_splats)
 from mgs.partition import PartitionConfig, partition_scene
-from mgs.render import render
 from mgs.train import load_views
 
 TRAIN = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=2, update_from=2,
@@ -132,8 +132,8 @@ def test_splats_ply_re_renders_like_the_model(trained_run):
     export_splats(model, path, torch.tensor(camera.center, dtype=torch.float32))
     splats = read_splats(path)
     ours = render_model(model, view.viewmat, view.K, view.width, view.height).image
-    theirs = render(**splats, viewmat=view.viewmat, K=view.K, width=view.width,
-                    height=view.height).image
+    theirs = render_splats(splats, viewmat=view.viewmat, K=view.K, width=view.width,
+                           height=view.height).image
     assert (ours - theirs).abs().max() < 1e-3
     assert ours.std() > 0.01  # not an empty render
 

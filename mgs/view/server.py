@@ -4,8 +4,10 @@ The page shows the block cells as boxes and the train/test cameras as frustums, 
 block; a side panel holds one checkbox per block, the run's metrics and the image of the last
 clicked camera (clicking a frustum also moves the view there). The model itself is rendered
 here, on this process's device (our rasterizer on the CPU, gsplat on CUDA), from each browser's
-camera at `--render-size` pixels, and sent as the page's background image after every camera
-move: no GPU is needed in the browser beyond drawing one textured quad.
+camera, and sent as the page's background image: while the camera moves, at `--render-size`
+pixels (quick, stretched to the window); once it has rested for `REST_SECONDS`, once more at the
+browser canvas's own size (sharp). No GPU is needed in the browser beyond drawing one textured
+quad.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from mgs.view.scene import RunView, block_colour, intrinsics, vertical_fov
 
 log = logging.getLogger("mgs.view")
 
-# longer side of the server-side render: interactive on 2 CPU cores, sharp on a GPU
+# longer side of the render while the camera moves: interactive on 2 CPU cores, sharp on a GPU
 DEFAULT_RENDER_SIZE = {"cpu": 320, "cuda": 960}
+REST_SECONDS = 0.3  # no camera move for this long: render at the canvas size
+MAX_CANVAS_SIDE = 4096  # cap of the at-rest render (a 4K window on a HiDPI screen is 2× that)
 SCREENSHOT_SIZE = (1280, 800)
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips_vgg": "LPIPS VGG",
                  "lpips_alex": "LPIPS Alex", "psnr_cc": "PSNR, colour-corrected (dB)"}
@@ -35,16 +39,21 @@ class Viewer:
     """A viser server showing one run; `serve()` until Ctrl-C, or `screenshot()` once."""
 
     def __init__(self, view: RunView, host: str = "127.0.0.1", port: int = 8080,
-                 render_size: int | None = None):
+                 render_size: int | None = None, rest_seconds: float | None = REST_SECONDS):
+        """`rest_seconds`: quiet time before the canvas-sized render (None: never, every frame
+        stays at `render_size`)."""
         import viser
 
         self.view = view
         self.render_size = render_size or DEFAULT_RENDER_SIZE.get(view.device.type, 320)
+        self.rest_seconds = rest_seconds
+        self.sent_sizes: list[tuple[int, int]] = []  # (width, height) of each frame sent
         self.enabled = set(range(view.num_blocks))
         self._closing = threading.Event()
         self._workers: dict[int, threading.Event] = {}
         self._last_sent = 0.0
         self._pending = 0
+        self._settling: dict[int, bool] = {}  # client id → a canvas-sized frame is still due
         self._state_lock = threading.Lock()
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.url = f"http://{host}:{self.server.get_port()}/"
@@ -119,7 +128,8 @@ class Viewer:
     def _add_panel(self) -> None:
         gui, view = self.server.gui, self.view
         gui.add_markdown(f"**{view.root.resolve().name}**: {view.backend} renderer on "
-                         f"{view.device}, {self.render_size} px")
+                         f"{view.device}, {self.render_size} px while moving, the window's "
+                         "size at rest")
         with gui.add_folder("Blocks"):
             for block, count in enumerate(view.anchors_per_block()):
                 box = gui.add_checkbox(f"block {block}", True, hint=f"{count} anchors")
@@ -142,6 +152,11 @@ class Viewer:
     def _toggle(self, block: int, on: bool) -> None:
         with self._state_lock:
             (self.enabled.add if on else self.enabled.discard)(block)
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Render every client's view again (small, then at the canvas size once at rest)."""
+        with self._state_lock:
             wakes = list(self._workers.values())
         for wake in wakes:
             wake.set()
@@ -160,25 +175,37 @@ class Viewer:
     def _disconnect(self, client) -> None:
         with self._state_lock:
             wake = self._workers.pop(client.client_id, None)
+            self._settling.pop(client.client_id, None)
         if wake is not None:
             wake.set()  # the loop sees it is no longer registered and ends
 
     def _render_loop(self, client, wake: threading.Event) -> None:
-        """Render the client's latest camera whenever it moved; moves made during a render are
-        folded into the next one, so a slow render never queues up stale frames."""
+        """Render the client's latest camera whenever it moved, small; once it rests, at the
+        canvas size. Moves made during a render are folded into the next one, so a slow render
+        never queues up stale frames; a sharp frame the camera left while it was drawn is
+        dropped."""
+        sharp_due = False
         while not self._closing.is_set():
-            if not wake.wait(timeout=0.5):
+            woke = wake.wait(timeout=self.rest_seconds if sharp_due else 0.5)
+            if woke:
+                wake.clear()
+                sharp_due = self.rest_seconds is not None
+            elif sharp_due:
+                sharp_due = False
+            else:
                 continue
-            wake.clear()
             with self._state_lock:
                 if client.client_id not in self._workers:
                     return
                 blocks = frozenset(self.enabled)
                 self._pending += 1
             try:
-                image = self._render_client(client, blocks)
-                if image is not None and not self._closing.is_set():
+                moved = camera_stamp(client.camera)
+                image = self._render_client(client, blocks, sharp=not woke)
+                stale = not woke and camera_stamp(client.camera) != moved
+                if image is not None and not stale and not self._closing.is_set():
                     client.scene.set_background_image(image, format="jpeg", jpeg_quality=90)
+                    self.sent_sizes.append((image.shape[1], image.shape[0]))
                     self._last_sent = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the viewer
                 log.warning("render for client %d failed: %s: %s", client.client_id,
@@ -186,14 +213,17 @@ class Viewer:
             finally:
                 with self._state_lock:
                     self._pending -= 1
+                    self._settling[client.client_id] = sharp_due
 
-    def _render_client(self, client, blocks: frozenset) -> np.ndarray | None:
+    def _render_client(self, client, blocks: frozenset, sharp: bool = False) -> np.ndarray | None:
         import viser.transforms as tf
 
         camera = client.camera
-        if camera.update_timestamp == 0.0 or camera.fov <= 0 or camera.aspect <= 0:
+        if camera_stamp(camera) == 0.0 or camera.fov <= 0 or camera.aspect <= 0:
             return None  # the browser has not reported its camera yet
         width, height = render_shape(self.render_size, camera.aspect)
+        if sharp:
+            width, height = canvas_shape(camera.image_width, camera.image_height, (width, height))
         rotation = tf.SO3(np.asarray(camera.wxyz)).as_matrix()  # camera to world, OpenCV axes
         viewmat = np.eye(4)
         viewmat[:3, :3] = rotation.T
@@ -206,7 +236,8 @@ class Viewer:
         deadline = time.monotonic() + timeout
         while True:
             with self._state_lock:
-                busy = self._pending > 0 or any(w.is_set() for w in self._workers.values())
+                busy = (self._pending > 0 or any(w.is_set() for w in self._workers.values())
+                        or any(self._settling.values()))
             if self._last_sent and not busy and time.monotonic() - self._last_sent > quiet:
                 return
             if time.monotonic() > deadline:
@@ -268,6 +299,21 @@ def render_shape(longer_side: int, aspect: float) -> tuple[int, int]:
     if aspect >= 1:
         return longer_side, max(1, round(longer_side / aspect))
     return max(1, round(longer_side * aspect)), longer_side
+
+
+def camera_stamp(camera) -> float:
+    """When the browser last reported this camera; 0 before its first report (viser's
+    public `update_timestamp` asserts instead)."""
+    return camera._state.update_timestamp
+
+
+def canvas_shape(width: int, height: int, fallback: tuple[int, int]) -> tuple[int, int]:
+    """The browser canvas's (width, height), its longer side capped at MAX_CANVAS_SIDE;
+    `fallback` when the browser has not reported a size."""
+    if width <= 0 or height <= 0:
+        return fallback
+    scale = min(1.0, MAX_CANVAS_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def metrics_markdown(metrics: dict | None) -> str:
