@@ -44,6 +44,7 @@ ASSIGNMENTS = ("center", "projection", "ssim")
 # 400-step coarse model) 1 − SSIM ≈ 0.94·coverage − 0.027 (r = 0.99), and the two tests then
 # agree on 96 % of camera/block pairs.
 DEFAULT_THRESHOLD = {"center": None, "projection": 0.08, "ssim": 0.05}
+MARGIN_ALL = "all"  # the margin that keeps every anchor the block's cameras see (region.py)
 
 
 # ------------------------------------------------------------------ config
@@ -56,7 +57,9 @@ class PartitionConfig:
     assignment: str = "projection"  # center | projection | ssim
     threshold: float | None = None  # None: DEFAULT_THRESHOLD[assignment]
     min_cameras: int = 5
-    margin: float = 0.25  # anchor region beyond the cell, in cell sizes (contracted); inf = all
+    # anchor region beyond the cell, in cell sizes (contracted); inf = every anchor; all = the
+    # cells plus every anchor the block's cameras see (mgs.partition.region)
+    margin: float | str = 0.25
     coarse: str | None = None  # coarse model checkpoint (ssim only)
     ssim_max_side: int = 400  # ssim renders are downsampled to at most this many pixels a side
     device: str = "auto"  # ssim renders: auto | cpu | cuda | cuda:N
@@ -109,7 +112,17 @@ class PartitionConfig:
         return DEFAULT_THRESHOLD[self.assignment] if self.threshold is None else float(self.threshold)
 
 
-def parse_margin(value, source: str = "config") -> float:
+def margin_label(margin: float | str) -> str:
+    """How a margin reads in logs, plots and the schema's words: 0.25, inf or all."""
+    if margin == MARGIN_ALL:
+        return MARGIN_ALL
+    return "inf" if math.isinf(margin) else f"{margin:g}"
+
+
+def parse_margin(value, source: str = "config") -> float | str:
+    """A margin in cell sizes (a float, inf included) or the word `all`."""
+    if isinstance(value, str) and value.strip().lower() == MARGIN_ALL:
+        return MARGIN_ALL
     if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "infinity"):
         return math.inf
     try:
@@ -117,7 +130,7 @@ def parse_margin(value, source: str = "config") -> float:
     except (TypeError, ValueError):
         margin = float("nan")
     if not margin >= 0:
-        raise InputError(f"{source}: 'margin' must be a number >= 0 or inf, got {value!r}")
+        raise InputError(f"{source}: 'margin' must be a number >= 0, inf or all, got {value!r}")
     return margin
 
 
@@ -200,6 +213,9 @@ class Partition:
         (default: the partition's margin); margin 0 equals `block_of_points(...) == block`."""
         block = self.blocks[block] if not isinstance(block, Block) else block
         margin = self.margin if margin is None else parse_margin(margin)
+        if margin == MARGIN_ALL:
+            raise ValueError("margin 'all' depends on the block's cameras: use "
+                             "mgs.partition.region.block_anchor_mask")
         points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         if math.isinf(margin):
             return np.ones(len(points), dtype=bool)
@@ -220,7 +236,8 @@ class Partition:
             "aabb_source": self.aabb_source,
             "block_dim": self.block_dim,
             "up": self.up,
-            "margin": "inf" if math.isinf(self.margin) else self.margin,
+            "margin": self.margin if isinstance(self.margin, float) and math.isfinite(self.margin)
+            else margin_label(self.margin),
             "assignment": self.assignment,
             "threshold": self.threshold,
             "min_cameras": self.min_cameras,
@@ -349,9 +366,12 @@ def partition_scene(scene_dir, out_dir, config: PartitionConfig | None = None) -
                           min_cameras=int(config.min_cameras), blocks=blocks,
                           aabb_source=aabb_source)
     point_blocks = partition.cell_to_block[point_cells]
+    from mgs.partition.region import held_points  # it imports this module
+
+    region_mask = held_points(partition, scene)
     for b, block in enumerate(blocks):
         block.points_in_cell = int((point_blocks == b).sum())
-        block.points_with_margin = int(partition.points_in_region(scene.points_xyz, b).sum())
+        block.points_with_margin = int(region_mask(b).sum())
         log.info("block %d: cells %s, %d train cameras (%d also validate; %d centred), %d points "
                  "(%d with margin)", b, cells_str(block.cells), len(block.train_cameras),
                  len(block.validation_cameras), block.centre_cameras, block.points_in_cell,
