@@ -249,7 +249,10 @@ def _run_partition(args) -> None:
     if args.aabb is not None:
         values["aabb"] = args.aabb[0] if len(args.aabb) == 1 else args.aabb  # checked by the config
     if args.margin is not None:
-        values["margin"] = args.margin  # a number, inf or all, parsed by the config
+        try:  # a number (inf included) or a word (all), checked by the config
+            values["margin"] = float(args.margin)
+        except ValueError:
+            values["margin"] = args.margin
     apply_overrides(values, args, ("block_dim", "assignment", "threshold", "min_cameras", "coarse"),
               "partition")
     config = PartitionConfig.from_dict(values, source=args.config or "command line")

@@ -329,6 +329,10 @@ def test_margin_all_from_config_cli_and_schema(tiny_scene, tmp_path):
                      "2", "--margin", "all"]) == 0
     partition = load_partition(out / "partition.json")
     assert partition.margin == "all"
+    assert cli_main(["partition", "--scene", str(tiny_scene), "--out", str(tmp_path / "m"),
+                     "--block-dim", "2", "1", "1", "--assignment", "center", "--min-cameras",
+                     "2", "--margin", "0.1"]) == 0
+    assert load_partition(tmp_path / "m" / "partition.json").margin == 0.1
     points = load_scene(tiny_scene).points_xyz
     for b, block in enumerate(partition.blocks):
         in_cell = partition.points_in_region(points, b, margin=0).sum()
