@@ -30,7 +30,8 @@ from mgs.atomic import ensure_writable_dir, write_text
 from mgs.config import check_config, yaml_section
 from mgs.errors import InputError
 from mgs.partition.assign import make_visibility, merge_starved, split_validation
-from mgs.partition.geometry import AXES, auto_aabb, cell_bounds, cell_ids, contract
+from mgs.partition.geometry import (AXES, MARGIN_ALL, auto_aabb, cell_bounds, cell_ids,
+                                   contract, margin_label, parse_margin)
 from mgs.scene import Scene, load_scene
 
 log = logging.getLogger("mgs.partition")
@@ -44,7 +45,6 @@ ASSIGNMENTS = ("center", "projection", "ssim")
 # 400-step coarse model) 1 − SSIM ≈ 0.94·coverage − 0.027 (r = 0.99), and the two tests then
 # agree on 96 % of camera/block pairs.
 DEFAULT_THRESHOLD = {"center": None, "projection": 0.08, "ssim": 0.05}
-MARGIN_ALL = "all"  # the margin that keeps every anchor the block's cameras see (region.py)
 
 
 # ------------------------------------------------------------------ config
@@ -110,28 +110,6 @@ class PartitionConfig:
     @property
     def effective_threshold(self) -> float | None:
         return DEFAULT_THRESHOLD[self.assignment] if self.threshold is None else float(self.threshold)
-
-
-def margin_label(margin: float | str) -> str:
-    """How a margin reads in logs, plots and the schema's words: 0.25, inf or all."""
-    if margin == MARGIN_ALL:
-        return MARGIN_ALL
-    return "inf" if math.isinf(margin) else f"{margin:g}"
-
-
-def parse_margin(value, source: str = "config") -> float | str:
-    """A margin in cell sizes (a float, inf included) or the word `all`."""
-    if isinstance(value, str) and value.strip().lower() == MARGIN_ALL:
-        return MARGIN_ALL
-    if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "infinity"):
-        return math.inf
-    try:
-        margin = float(value)
-    except (TypeError, ValueError):
-        margin = float("nan")
-    if not margin >= 0:
-        raise InputError(f"{source}: 'margin' must be a number >= 0, inf or all, got {value!r}")
-    return margin
 
 
 def _check_aabb(aabb, source: str) -> np.ndarray:

@@ -18,8 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from mgs.atomic import atomic_path  # noqa: E402
-from mgs.partition.build import margin_label  # noqa: E402
-from mgs.partition.geometry import AXES, contract, uncontract  # noqa: E402
+from mgs.partition.geometry import AXES, contract, margin_label, uncontract  # noqa: E402
 
 MAX_PLOTTED_POINTS = 100_000
 LABEL = dict(ha="center", va="center", fontsize=11, weight="bold", zorder=5,

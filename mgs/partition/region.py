@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from mgs.model import Anchors, initial_log_scale, visible_anchor_mask
-from mgs.partition.build import MARGIN_ALL, Partition
+from mgs.partition.geometry import MARGIN_ALL
 from mgs.scene import Camera, Scene
 
 
@@ -33,9 +33,10 @@ def seen_by(cameras: list[Camera], xyz: torch.Tensor, log_scale: torch.Tensor,
     return seen.numpy()
 
 
-def block_anchor_mask(partition: Partition, block: int, xyz: torch.Tensor, log_scale: torch.Tensor,
+def block_anchor_mask(partition, block: int, xyz: torch.Tensor, log_scale: torch.Tensor,
                       cameras: list[Camera]) -> np.ndarray:
-    """Which of the anchors (`xyz`, initial `log_scale`) block `block` holds: its region with
+    """Which of the anchors (`xyz`, initial `log_scale`) block `block` of `partition` (a
+    mgs.partition.Partition) holds: its region with
     the partition's margin, or with `all` its cells plus what its training `cameras` see."""
     points = xyz.numpy()
     if partition.margin != MARGIN_ALL:
@@ -44,7 +45,7 @@ def block_anchor_mask(partition: Partition, block: int, xyz: torch.Tensor, log_s
     return in_cells | seen_by(cameras, xyz, log_scale, f"block {block} visibility")
 
 
-def held_points(partition: Partition, scene: Scene):
+def held_points(partition, scene: Scene):
     """block -> mask of the scene's SfM points it will hold (partition.tsv's count; with `all`
     seen by the full-resolution cameras, the training resolution may differ at image edges)."""
     if partition.margin != MARGIN_ALL:
