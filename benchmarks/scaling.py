@@ -474,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio-scale", type=float, default=1.0,
                         help="--ratio: the city's width times this (views, points and "
                              "buildings in proportion to its area; the density stays)")
-    parser.add_argument("--margin", type=float, default=None,
-                        help="--ratio: the partition's margin (default: the config's, 0.25)")
+    parser.add_argument("--margin", type=lambda v: v if v == "all" else float(v), default=None,
+                        help="--ratio: the partition's margin, a number or all (default: the "
+                             "config's, 0.25)")
     return parser
 
 

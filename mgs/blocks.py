@@ -25,10 +25,11 @@ from mgs.atomic import write_tsv
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig, yaml_section
 from mgs.errors import InputError
-from mgs.model import Anchors, Decoder
+from mgs.model import Anchors, Decoder, initial_log_scale, voxelize
 from mgs.momentum import (MomentumConfig, block_weights, state_distance, update_metric_ema,
                           weighted_average)
 from mgs.partition import load_partition
+from mgs.partition.region import block_anchor_mask
 from mgs.plan import layout
 from mgs.scene import load_scene
 from mgs.device import resolve_device
@@ -96,8 +97,8 @@ def _decoder_state(decoder: Decoder) -> dict[str, torch.Tensor]:
 
 
 def init_blocks(run: Run) -> int:
-    """Round 0: each block's anchors (its cell expanded by the margin), one random decoder as
-    student and teacher. Returns the number of blocks."""
+    """Round 0: each block's anchors (its cells expanded by the margin, or with margin `all`
+    what its cameras see), one random decoder as student and teacher. Returns the number of blocks."""
     config = run.train
     scene, partition = run.scene(), run.partition()
     if run.momentum.mode == "single" and partition.num_blocks != 1:
@@ -106,15 +107,19 @@ def init_blocks(run: Run) -> int:
                          "partition with block_dim [1, 1, 1] or choose another mode")
     torch.manual_seed(config.seed)
     decoder = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
-    points = scene.points_xyz
+    # every anchor's initial scale from its neighbours in the whole scene, as officially (each
+    # block starts from the whole cloud): a block's border anchors see past its region
+    xyz = torch.as_tensor(voxelize(scene.points_xyz, config.voxel_size), dtype=torch.float32)
+    log_scale = initial_log_scale(xyz)
     for index, block in enumerate(partition.blocks):
-        mask = partition.points_in_region(points, index, partition.margin)
+        cameras = [scene.camera(name) for name in block.train_cameras]
+        mask = torch.from_numpy(block_anchor_mask(
+            partition, index, xyz, log_scale,
+            [camera.scaled(config.resolution) for camera in cameras]))
         if not mask.any():
             raise InputError(f"block {index} of {run.root / 'partition'} holds no SfM points; "
                              "increase the margin or use fewer blocks")
-        anchors = Anchors.from_points(points[mask], config.feat_dim, config.n_offsets,
-                                      config.voxel_size)
-        cameras = [scene.camera(name) for name in block.train_cameras]
+        anchors = Anchors.initial(xyz[mask], log_scale[mask], config.feat_dim, config.n_offsets)
         run.save(run.block_path(0, index), {
             "round": 0, "block": index, "step": 0, "anchors": anchors.tensors(),
             "decoder": _decoder_state(decoder), "lr_scale": spatial_lr_scale(cameras)})
@@ -198,31 +203,36 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
                                         freeze_decoder=finalize)
     if state is not source:
         trainer.load_state(state)
-        history, start_psnr = list(state.get("history", [])), float(state["val_psnr_start"])
-    else:  # the block's score with the synced decoder, before training: the cost of the sync
-        history, start_psnr = [], trainer.evaluate(val_views)["psnr"]
+        history = list(state.get("history", []))
+        start = {"psnr": float(state["val_psnr_start"]),
+                 "ssim": float(state.get("val_ssim_start", float("nan")))}
+    else:  # the block's score with the synced decoder, before training: what sync weighs the
+        history, start = [], trainer.evaluate(val_views)  # block by, and the cost of the sync
 
     def save_partial(rows):
         run.save(partial_path, dict(trainer.state(), history=rows, round=round_index,
-                                    block=block, val_psnr_start=start_psnr))
+                                    block=block, val_psnr_start=start["psnr"],
+                                    val_ssim_start=start["ssim"]))
 
     run_training(trainer, until, val_views, history, save_partial, stop_after, desc=desc)
     if trainer.step < until:
         return {}
     metrics = trainer.evaluate(val_views)
     result = dict(trainer.state(), history=history, round=round_index, block=block,
-                  val_psnr=metrics["psnr"], val_ssim=metrics["ssim"], val_psnr_start=start_psnr)
+                  val_psnr=metrics["psnr"], val_ssim=metrics["ssim"], val_psnr_start=start["psnr"],
+                  val_ssim_start=start["ssim"])
     run.save(out_path, result)
     if not finalize:  # what sync reads: kilobytes, not the full block
         run.save(run.decoder_path(round_index, block), decoder_summary(result))
     partial_path.unlink(missing_ok=True)
     log.info("block %d %s: validation PSNR %.2f dB (%.2f at its start), SSIM %.4f, %d anchors",
-             block, desc, metrics["psnr"], start_psnr, metrics["ssim"], trainer.anchors.count)
+             block, desc, metrics["psnr"], start["psnr"], metrics["ssim"], trainer.anchors.count)
     return result
 
 
 SUMMARY_KEYS = ("round", "block", "step", "decoder", "teacher", "val_psnr", "val_ssim",
-                "val_psnr_start", "loss_sums", "history", "appearance", "appearance_held")
+                "val_psnr_start", "val_ssim_start", "loss_sums", "history", "appearance",
+                "appearance_held")
 
 
 def decoder_summary(result: dict) -> dict:
@@ -251,9 +261,14 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     n = len(previous["weights"])
     blocks = [run.load(run.decoder_path(round_index, b)) for b in range(n)]
     decay = momentum.sync_metric_decay
-    psnr_ema = [update_metric_ema(float(previous["psnr_ema"][b]), blocks[b]["val_psnr"], decay)
+    # each block is weighed by its score with the shared decoder (officially the student, which
+    # all GPUs share), i.e. with the previous sync's average at the start of this round, not
+    # with its own student at the end of it: a round older, but not flattered by a decoder
+    # that trained on this block alone for a round
+    scores = [score_with_shared_decoder(block) for block in blocks]
+    psnr_ema = [update_metric_ema(float(previous["psnr_ema"][b]), scores[b][0], decay)
                 for b in range(n)]
-    ssim_ema = [update_metric_ema(float(previous["ssim_ema"][b]), blocks[b]["val_ssim"], decay)
+    ssim_ema = [update_metric_ema(float(previous["ssim_ema"][b]), scores[b][1], decay)
                 for b in range(n)]
     if momentum.uses_weighting and round_index > momentum.warmup_rounds:
         weights = block_weights(psnr_ema, ssim_ema, momentum.sigma, momentum.ssim_scale)
@@ -291,6 +306,11 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     return rows
 
 
+def score_with_shared_decoder(block: dict) -> tuple[float, float]:
+    """(PSNR, SSIM) of a block round's start: its anchors with the synced decoder."""
+    return float(block["val_psnr_start"]), float(block["val_ssim_start"])
+
+
 def prune_rounds(run: Run, last: int) -> None:
     """Remove the full block checkpoints of rounds <= `last` (decoder summaries and shared
     decoders stay). Every job that reads them has finished once a later round is synced."""
@@ -325,6 +345,7 @@ def _sync_row(round_index: int, b: int, block: dict, previous_psnr: float, avera
     return {"round": round_index, "block": b, "psnr": block["val_psnr"],
             "ssim": block["val_ssim"], "psnr_ema": psnr_ema, "ssim_ema": ssim_ema,
             "weight": weight, "psnr_start": block["val_psnr_start"],
+            "ssim_start": block["val_ssim_start"],
             "previous_sync_cost": sync_cost, "consistency_share": share,
             "student_drift": state_distance(block["decoder"], average),
             "teacher_gap": teacher_gap, "anchors": int(block["anchors"])}

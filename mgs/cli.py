@@ -244,7 +244,8 @@ def _add_partition(sub) -> None:
     p.add_argument("--threshold", type=float,
                    help="visibility threshold (default 0.08 for projection, 0.05 for ssim)")
     p.add_argument("--min-cameras", type=int, help="merge blocks with fewer cameras (default 5)")
-    p.add_argument("--margin", help="anchor region beyond a cell, in cell sizes; inf = whole scene")
+    p.add_argument("--margin", help="anchor region beyond a cell, in cell sizes; all = every "
+                   "anchor the block's cameras see (official); inf = the whole scene")
     p.add_argument("--coarse", help="checkpoint of a whole-scene `mgs train` run (for ssim)")
     p.set_defaults(func=_run_partition)
 
@@ -257,7 +258,10 @@ def _run_partition(args) -> None:
     if args.aabb is not None:
         values["aabb"] = args.aabb[0] if len(args.aabb) == 1 else args.aabb  # checked by the config
     if args.margin is not None:
-        values["margin"] = args.margin  # a number or inf, parsed by the config
+        try:  # a number (inf included) or a word (all), checked by the config
+            values["margin"] = float(args.margin)
+        except ValueError:
+            values["margin"] = args.margin
     apply_overrides(values, args, ("block_dim", "assignment", "threshold", "min_cameras", "coarse"),
               "partition")
     config = PartitionConfig.from_dict(values, source=args.config or "command line")

@@ -60,7 +60,10 @@ class DensifyState:
 @torch.no_grad()
 def adjust_anchors(anchors: Anchors, state: DensifyState, optimizer: torch.optim.Optimizer,
                    config: TrainConfig, generator: torch.Generator) -> dict[str, int]:
-    """Grow then prune; returns counts for logging."""
+    """Grow then prune; returns counts for logging. Call before the optimizer step: as officially,
+    an adjustment replaces every anchor parameter (pruning always runs, even when it removes
+    nothing), so the anchors take no Adam step on an adjustment step (their gradients are dropped
+    here; the decoder still steps)."""
     interval = config.update_interval
     mean_grad = torch.nan_to_num(state.grad_accum / state.grad_count, nan=0.0)
     eligible = state.grad_count > interval * config.success_threshold * 0.5
@@ -80,13 +83,18 @@ def adjust_anchors(anchors: Anchors, state: DensifyState, optimizer: torch.optim
     if prune.any():
         _select_rows(anchors, state, optimizer, ~prune)
     anchors.scaling.data[:, 3:].clamp_(max=config.max_scale_log)
+    for name in ANCHOR_PARAMS:
+        getattr(anchors, name).grad = None
     return {"grown": grown, "pruned": int(prune.sum()), "anchors": anchors.count}
 
 
 def _grow(anchors: Anchors, state: DensifyState, optimizer, config: TrainConfig,
           mean_grad: torch.Tensor, eligible: torch.Tensor, generator: torch.Generator) -> None:
     k = state.n_offsets
+    before = anchors.count
     for level in range(config.update_depth):
+        if level > 0 and anchors.count == before:
+            break  # as in Scaffold-GS: the finer levels run only when level 0 grew anchors
         threshold = config.densify_grad_threshold * (config.update_hierarchy_factor // 2) ** level
         keep_prob = 1.0 - 0.5 ** (level + 1)
         n_flat = anchors.count * k

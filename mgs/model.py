@@ -65,11 +65,14 @@ class Anchors(nn.Module):
     def from_points(cls, points: np.ndarray, feat_dim: int, n_offsets: int,
                     voxel_size: float) -> "Anchors":
         xyz = torch.as_tensor(voxelize(points, voxel_size), dtype=torch.float32)
+        return cls.initial(xyz, initial_log_scale(xyz), feat_dim, n_offsets)
+
+    @classmethod
+    def initial(cls, xyz: torch.Tensor, log_scale: torch.Tensor, feat_dim: int,
+                n_offsets: int) -> "Anchors":
+        """Untrained anchors at `xyz`: zero features and offsets, `log_scale` (N,) on all 6 dims."""
         n = xyz.shape[0]
-        log_scale = torch.log(torch.sqrt(mean_knn_sq_distance(xyz, k=3)).clamp_min(1e-7))
-        return cls(xyz,
-                   torch.zeros(n, feat_dim),
-                   torch.zeros(n, n_offsets, 3),
+        return cls(xyz, torch.zeros(n, feat_dim), torch.zeros(n, n_offsets, 3),
                    log_scale[:, None].repeat(1, 6))
 
     @property
@@ -93,6 +96,12 @@ def voxelize(points: np.ndarray, voxel_size: float) -> np.ndarray:
         return points
     cells = np.unique(np.round(points / voxel_size).astype(np.int64), axis=0)
     return cells * voxel_size
+
+
+def initial_log_scale(xyz: torch.Tensor) -> torch.Tensor:
+    """log √d² per anchor, d² the mean squared distance to its 3 nearest neighbours clamped at
+    1e-7 as officially (the squared distance, so no anchor starts below 3.2e-4 scene units)."""
+    return torch.log(torch.sqrt(mean_knn_sq_distance(xyz, k=3).clamp_min(1e-7)))
 
 
 def mean_knn_sq_distance(xyz: torch.Tensor, k: int = 3) -> torch.Tensor:

@@ -19,7 +19,7 @@ from mgs.appearance import AppearanceImages, choose_row, latent_for
 from mgs.config import TrainConfig
 from mgs.densify import DensifyState, adjust_anchors
 from mgs.errors import TrainingError
-from mgs.metrics import psnr, ssim
+from mgs.metrics import channel_mean_psnr, ssim
 from mgs.model import Anchors, Decoder, apply_decoder, camera_center, decode
 from mgs.momentum import ema_update_
 from mgs.render import render
@@ -231,13 +231,17 @@ class Trainer:
         loss.backward()
 
         with torch.no_grad():
-            if c.start_stat < step < c.update_until and out.means2d_grad is not None:
+            in_window = c.start_stat < step < c.update_until  # the statistics window
+            if in_window and out.means2d_grad is not None:
                 self.densify.accumulate(gaussians, attrs, out.means2d_grad, out.radii,
                                         view.width, view.height)
+            # adjustments nested in that window as officially: from the first multiple of
+            # update_interval past both start_stat and update_from (525 by default); before the
+            # Adam step, which then skips the anchors (adjust_anchors)
+            if in_window and step > c.update_from and step % c.update_interval == 0:
+                adjust_anchors(self.anchors, self.densify, self.optimizer, c, self.generator)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if c.update_from < step < c.update_until and step % c.update_interval == 0:
-                adjust_anchors(self.anchors, self.densify, self.optimizer, c, self.generator)
         self.step = step
         self.loss_sums["photometric"] += photometric.item()
         self.loss_sums["consistency"] += self.consistency_weight * cons.item()
@@ -247,13 +251,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, views: list[View]) -> dict[str, float]:
+        """Validation as in the official training reports: mean over views of the per-channel-mean
+        PSNR and of SSIM (clamped renders). `mgs evaluate` scores test views per image instead."""
         if not views:
             return {"psnr": float("nan"), "ssim": float("nan")}
         psnrs, ssims = [], []
         for view in views:
             out, _, _ = self.render_view(view)
             image, target = out.image.clamp(0, 1), view.image
-            psnrs.append(psnr(image, target).item())
+            psnrs.append(channel_mean_psnr(image, target).item())  # as the official validation
             ssims.append(ssim(image, target).item())
         return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
 

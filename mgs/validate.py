@@ -63,6 +63,8 @@ SPECS: dict[str, dict[str, str]] = {
         "ssim_scale": "float [0, inf)", "warmup_rounds": "int [0, inf)",
         "metric_ema": "float [0, 1)", "keep_rounds": "int [0, inf)"},
 }
+# words a number key also takes (the dataclass gives them their meaning)
+WORDS: dict[tuple[str, str], tuple[str, ...]] = {("partition", "margin"): ("all",)}
 SECTIONS = ("synthetic", "sfm", "partition", "train", "momentum")
 _SPEC = re.compile(r"^(int|float|bool|str)(\?)?(?:\[(\d+)\])?"
                    r"(?: ([\[(])(-?[\d.]+|-inf), (-?[\d.]+|inf)([\])]))?$")
@@ -144,9 +146,17 @@ def check_section(values: dict[str, Any], section: str, source: str) -> dict[str
     specs = SPECS[section]
     checked = dict(values)
     for key, value in values.items():
-        if key in specs:
+        words = WORDS.get((section, key), ())
+        if isinstance(value, str) and value.strip().lower() in words:
+            checked[key] = value.strip().lower()
+        elif key in specs:
             path = key if section == "scene" else f"{section}.{key}"
-            checked[key] = check_value(value, specs[key], f"{source}: {path}")
+            try:
+                checked[key] = check_value(value, specs[key], f"{source}: {path}")
+            except InputError as exc:
+                if not words:
+                    raise
+                raise InputError(f"{exc} (or {' or '.join(words)})") from None
     return checked
 
 

@@ -13,6 +13,7 @@ from mgs.checkpoint import load_checkpoint
 from mgs.errors import InputError
 from mgs.merge import (load_model, merge_blocks, read_anchor_ply, read_splats, render_model,
                        render_splats)
+from mgs.momentum import update_metric_ema
 from mgs.partition import PartitionConfig, partition_scene
 from mgs.train import load_views
 
@@ -23,14 +24,14 @@ MOMENTUM = dict(mode="full", rounds=2, iterations_per_round=10, final_iterations
                 consistency_weight=50.0, sigma=1.0, keep_rounds=0)
 
 
-def make_run(root, tiny_scene, **momentum):
+def make_run(root, tiny_scene, margin=0.25, **momentum):
     root.mkdir(parents=True, exist_ok=True)
     (root / "scene").symlink_to(tiny_scene)
     (root / "config.yaml").write_text(yaml.safe_dump(
         {"train": TRAIN, "momentum": {**MOMENTUM, **momentum}}))
     partition_scene(root / "scene", root / "partition",
                     PartitionConfig(block_dim=[2, 1, 1], assignment="center", min_cameras=2,
-                                    margin=0.25))
+                                    margin=margin))
     return Run.open(root)
 
 
@@ -71,6 +72,16 @@ def test_rounds_write_every_file_and_sync_math(trained_run):
     assert not torch.equal(blocks1[0]["teacher"][key], blocks1[0]["decoder"][key])
     assert not torch.equal(blocks2[0]["teacher"][key], shared1["teacher"][key])
     assert blocks2[0]["step"] == 20  # global step continues across rounds
+    # blocks are weighed by their score with the shared decoder (the previous sync's average,
+    # scored at the round's start), not with their own student at the round's end
+    decay = run.momentum.sync_metric_decay
+    for b in range(2):
+        for metric in ("psnr", "ssim"):
+            start = blocks2[b][f"val_{metric}_start"]
+            assert start != blocks2[b][f"val_{metric}"]
+            assert float(shared1[f"{metric}_ema"][b]) == blocks1[b][f"val_{metric}_start"]
+            expected = update_metric_ema(float(shared1[f"{metric}_ema"][b]), start, decay)
+            assert float(shared2[f"{metric}_ema"][b]) == pytest.approx(expected, abs=1e-9)
     rows = (run.root / "rounds" / "2" / "sync.tsv").read_text().splitlines()
     header = rows[0].split("\t")
     for column in ("weight", "psnr_start", "previous_sync_cost", "consistency_share",
@@ -195,3 +206,33 @@ def test_sync_keeps_the_full_checkpoints_of_the_last_rounds_only(tiny_scene, tmp
         assert run.shared_path(r).exists()
         assert all(run.decoder_path(r, b).exists() for b in range(n))
     finalize_block(run, 0)  # the last round is all finalize needs
+
+
+def test_margin_all_blocks_start_from_the_whole_scene_they_see(tiny_scene, tmp_path):
+    """margin all: each block holds its cells and what its cameras see, with the initial
+    scales of the whole cloud (as officially, where every block starts from all of it); it
+    trains and merges like any block."""
+    from mgs.model import initial_log_scale, voxelize
+    from mgs.partition.region import block_anchor_mask
+
+    run = make_run(tmp_path / "run", tiny_scene, margin="all", rounds=1, final_iterations=0)
+    n = init_blocks(run)
+    partition, scene = run.partition(), run.scene()
+    xyz = torch.as_tensor(voxelize(scene.points_xyz, run.train.voxel_size), dtype=torch.float32)
+    log_scale = initial_log_scale(xyz)
+    for b in range(n):
+        anchors = run.load(run.block_path(0, b))["anchors"]
+        in_cell = partition.points_in_region(xyz.numpy(), b, margin=0)
+        assert in_cell.sum() < len(anchors["xyz"]) <= len(xyz)  # here they see it all
+        cameras = [scene.camera(c).scaled(run.train.resolution)
+                   for c in partition.blocks[b].train_cameras]
+        mask = torch.from_numpy(block_anchor_mask(partition, b, xyz, log_scale, cameras))
+        assert torch.equal(anchors["xyz"], xyz[mask])
+        assert torch.equal(anchors["scaling"][:, 0], log_scale[mask])
+        train_block(run, 1, b)
+    sync_round(run, 1)
+    merge_blocks(run, run.root / "model")
+    merged = read_anchor_ply(run.root / "model" / "anchors.ply")
+    own = [partition.points_in_region(run.load(run.final_path(b))["anchors"]["xyz"].numpy(), b,
+                                      margin=0).sum() for b in range(n)]
+    assert merged.count == sum(own) > 0  # cropped to the cells at merge, as officially

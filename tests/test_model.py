@@ -143,3 +143,44 @@ def test_pruning_removes_transparent_well_visited_anchors():
     assert torch.equal(anchors.xyz, kept_xyz)
     assert optimizer.state[anchors.features]["exp_avg"].shape == anchors.features.shape
     assert state.anchor_visits.tolist() == [0, 0, 0, 5, 0]  # judged anchors are reset
+
+
+def _stacked_gaussians(offset_x: float, n=6, k=3):
+    """Anchors at the centres of level-0 growth cells (1.28 with voxel_size 0.01), every
+    Gaussian at +offset_x from its anchor, all eligible with large gradients."""
+    xyz = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3) * 12.8
+    anchors = Anchors.initial(xyz, torch.zeros(n), 4, k)  # offsets scaled by exp(0) = 1
+    anchors.offsets.data[:, :, 0] = offset_x
+    optimizer = make_optimizer(anchors, Decoder(4, k))
+    state = DensifyState(n, k)
+    state.grad_count[:] = 20
+    state.grad_accum[:] = 20 * 0.01
+    return anchors, optimizer, state
+
+
+def test_finer_levels_grow_only_when_level_zero_grew():
+    """Officially (Scaffold-GS) levels 1 and 2 are skipped when level 0 added no anchor."""
+    config = TrainConfig(feat_dim=4, n_offsets=3, voxel_size=0.01, update_interval=25)
+    # +0.2: every candidate lies in its anchor's own level-0 cell (occupied), but in a new
+    # level-1 cell (0.32): level 0 grows nothing, so nothing grows at all
+    anchors, optimizer, state = _stacked_gaussians(0.2)
+    counts = adjust_anchors(anchors, state, optimizer, config, torch.Generator().manual_seed(0))
+    assert counts["grown"] == 0 and anchors.count == 6
+    # anchor 0's Gaussians moved into a free level-0 cell: level 0 grows there, and then the
+    # finer levels run and grow around the other anchors too
+    anchors, optimizer, state = _stacked_gaussians(0.2)
+    anchors.offsets.data[0, :, 0] = 1.0
+    counts = adjust_anchors(anchors, state, optimizer, config, torch.Generator().manual_seed(0))
+    level0_cell = torch.tensor([1.28, 0.0, 0.0])
+    assert (anchors.xyz - level0_cell).norm(dim=1).min() < 1e-5
+    assert counts["grown"] > 1
+
+
+def test_initial_scale_clamps_the_squared_distance():
+    """Officially the mean squared neighbour distance is clamped at 1e-7 before the root."""
+    anchors = Anchors.from_points(np.array([[0.0, 0.0, 0.0], [1e-4, 0.0, 0.0]]), 4, 3,
+                                  voxel_size=0.0)
+    expected = np.log(np.sqrt(1e-7))  # the distance 1e-4 squared is 1e-8 < 1e-7
+    assert torch.allclose(anchors.scaling, torch.full((2, 6), expected, dtype=torch.float32))
+    far = Anchors.from_points(np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0]]), 4, 3, voxel_size=0.0)
+    assert far.scaling[0, 0].item() == pytest.approx(np.log(0.5))

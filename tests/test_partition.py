@@ -278,3 +278,62 @@ def test_ssim_assignment_extends_the_centre_assignment(tiny_scene, tmp_path):
         assert set(a.cameras) <= set(b.cameras)
         added += len(b.cameras) - len(a.cameras)
     assert added > 0
+
+
+def test_margin_all_keeps_the_cells_and_what_the_cameras_see():
+    """margin all: a block holds its own cells (what merge keeps) and every anchor in the
+    frustum of one of its training cameras, nothing else."""
+    import torch
+
+    from mgs.partition import Block, Partition
+    from mgs.partition.region import block_anchor_mask, seen_by
+    from mgs.scene import Camera
+
+    # a camera at the origin looking along +z, 100 x 100 pixels, focal length 100
+    camera = Camera("a.png", [[100, 0, 50], [0, 100, 50], [0, 0, 1]], 100, 100, np.eye(4),
+                    "a.png")
+    xyz = torch.tensor([[0.0, 0.0, 5.0],     # straight ahead: seen
+                        [1.0, 0.0, 5.0],     # 20 px right of the centre: seen
+                        [0.0, 0.0, -5.0],    # behind the camera
+                        [100.0, 0.0, 5.0],   # far outside the image
+                        [-30.0, 0.0, -5.0]])  # behind, in the other block's cell
+    log_scale = torch.full((5,), math.log(0.01))
+    assert seen_by([camera], xyz, log_scale).tolist() == [True, True, False, False, False]
+    partition = Partition(aabb=[-10, -10, -10, 10, 10, 10], block_dim=[2, 1, 1], up="z",
+                          margin="all", assignment="center", threshold=None, min_cameras=2,
+                          blocks=[Block(0, [0], ["a.png"], []), Block(1, [1], ["a.png"], [])])
+    # cell 0 is x < 0: the last point; cell 1 is x >= 0: the first four
+    assert block_anchor_mask(partition, 0, xyz, log_scale, [camera]).tolist() == [
+        True, True, False, False, True]
+    assert block_anchor_mask(partition, 1, xyz, log_scale, []).tolist() == [
+        True, True, True, True, False]
+    with pytest.raises(ValueError, match="cameras"):
+        partition.points_in_region(xyz.numpy(), 0)
+    saved = Partition.from_json(json.loads(json.dumps(partition.to_json())))
+    assert saved.margin == "all"
+
+
+def test_margin_all_from_config_cli_and_schema(tiny_scene, tmp_path):
+    from mgs.validate import check_scene
+
+    assert PartitionConfig.from_dict({"margin": "all"}).margin == "all"
+    assert PartitionConfig.from_dict({"margin": "ALL"}).margin == "all"
+    with pytest.raises(InputError, match="margin"):
+        PartitionConfig.from_dict({"margin": "most"})
+    check_scene({"partition": {"margin": "all"}}, "scenes.x")
+    with pytest.raises(InputError, match="margin"):
+        check_scene({"partition": {"margin": "most"}}, "scenes.x")
+    out = tmp_path / "out"
+    assert cli_main(["partition", "--scene", str(tiny_scene), "--out", str(out),
+                     "--block-dim", "2", "1", "1", "--assignment", "center", "--min-cameras",
+                     "2", "--margin", "all"]) == 0
+    partition = load_partition(out / "partition.json")
+    assert partition.margin == "all"
+    assert cli_main(["partition", "--scene", str(tiny_scene), "--out", str(tmp_path / "m"),
+                     "--block-dim", "2", "1", "1", "--assignment", "center", "--min-cameras",
+                     "2", "--margin", "0.1"]) == 0
+    assert load_partition(tmp_path / "m" / "partition.json").margin == 0.1
+    points = load_scene(tiny_scene).points_xyz
+    for b, block in enumerate(partition.blocks):
+        in_cell = partition.points_in_region(points, b, margin=0).sum()
+        assert in_cell <= block.points_with_margin <= len(points)

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -140,3 +141,72 @@ def test_cli_names_a_corrupt_image_and_writes_nothing(tiny_scene, tmp_path):
     assert result.returncode == 2
     assert victim.name in result.stderr and "Traceback" not in result.stderr
     assert not (out / CHECKPOINT_NAME).exists()
+
+
+def make_trainer(tiny_scene, **overrides):
+    from mgs.scene import load_scene
+    from mgs.train import Trainer, load_views, spatial_lr_scale
+    from mgs.model import Decoder
+    from mgs.training_loop import initial_anchors
+
+    config = small_config(**overrides)
+    scene = load_scene(tiny_scene)
+    views = load_views(scene.train_cameras()[:6], config.resolution, scene.scene_dir,
+                       torch.device("cpu"))
+    torch.manual_seed(0)
+    return Trainer(initial_anchors(scene, config), Decoder(config.feat_dim, config.n_offsets),
+                   config, views, spatial_lr_scale(scene.train_cameras()), torch.device("cpu"))
+
+
+def test_anchors_take_no_adam_step_on_an_adjustment_step(tiny_scene):
+    """Officially the adjustment comes first and replaces the anchor parameters, so on every
+    adjustment step the anchors skip their Adam update while the decoder takes it."""
+    # adjust every 2nd step, growing and pruning nothing
+    trainer = make_trainer(tiny_scene, start_stat=0, update_from=0, update_interval=2,
+                           update_until=100, densify_grad_threshold=1e9, min_opacity=0.0)
+    trainer.train_step()  # step 1: a plain step
+    features = trainer.anchors.features.detach().clone()
+    offsets = trainer.anchors.offsets.detach().clone()
+    decoder = trainer.decoder.color_mlp[0].weight.detach().clone()
+    assert features.abs().sum() > 0  # the anchors did learn at step 1
+    trainer.train_step()  # step 2: adjustment
+    assert torch.equal(trainer.anchors.features, features)
+    assert torch.equal(trainer.anchors.offsets, offsets)
+    assert not torch.equal(trainer.decoder.color_mlp[0].weight, decoder)
+    trainer.train_step()  # step 3: the anchors learn again
+    assert not torch.equal(trainer.anchors.features, features)
+
+
+def test_no_adjustment_before_the_statistics_window(tiny_scene):
+    """Adjustments are nested in the statistics window (start_stat, update_until): with
+    update_from 2 < start_stat 6 the first one is at step 8. A clamp of the base scales far
+    below their values shows when one ran."""
+    trainer = make_trainer(tiny_scene, start_stat=6, update_from=2, update_interval=2,
+                           update_until=100, densify_grad_threshold=1e9, min_opacity=0.0,
+                           max_scale_log=-20.0)
+    for _ in range(6):
+        trainer.train_step()
+    assert (trainer.anchors.scaling[:, 3:] > -20.0).all()
+    trainer.train_step()
+    trainer.train_step()  # step 8
+    assert (trainer.anchors.scaling[:, 3:] <= -20.0).all()
+
+
+def test_validation_psnr_is_the_mean_of_the_channel_psnrs(tiny_scene):
+    """As the official training reports (and block weighting): PSNR per channel, then their
+    mean, not the PSNR of the overall squared error."""
+    from mgs.metrics import channel_mean_psnr, psnr
+
+    target = torch.zeros(4, 5, 3)
+    image = target + torch.tensor([0.1, 0.01, 0.001]).sqrt()  # MSE 0.1, 0.01, 0.001 per channel
+    assert channel_mean_psnr(image, target).item() == pytest.approx(20.0, abs=1e-4)
+    assert psnr(image, target).item() == pytest.approx(-10 * math.log10(0.037), abs=1e-4)
+    trainer = make_trainer(tiny_scene)
+    for _ in range(3):
+        trainer.train_step()
+    view = trainer.train_views[0]
+    with torch.no_grad():
+        render = trainer.render_view(view)[0].image.clamp(0, 1)
+    expected = channel_mean_psnr(render, view.image).item()
+    assert abs(expected - psnr(render, view.image).item()) > 1e-3  # the two differ here
+    assert trainer.evaluate([view])["psnr"] == pytest.approx(expected, abs=1e-6)

@@ -30,7 +30,8 @@ from mgs.atomic import ensure_writable_dir, write_text
 from mgs.config import check_config, yaml_section
 from mgs.errors import InputError
 from mgs.partition.assign import make_visibility, merge_starved, split_validation
-from mgs.partition.geometry import AXES, auto_aabb, cell_bounds, cell_ids, contract
+from mgs.partition.geometry import (AXES, MARGIN_ALL, auto_aabb, cell_bounds, cell_ids,
+                                   contract, margin_label, parse_margin)
 from mgs.scene import Scene, load_scene
 
 log = logging.getLogger("mgs.partition")
@@ -56,7 +57,9 @@ class PartitionConfig:
     assignment: str = "projection"  # center | projection | ssim
     threshold: float | None = None  # None: DEFAULT_THRESHOLD[assignment]
     min_cameras: int = 5
-    margin: float = 0.25  # anchor region beyond the cell, in cell sizes (contracted); inf = all
+    # anchor region beyond the cell, in cell sizes (contracted); inf = every anchor; all = the
+    # cells plus every anchor the block's cameras see (mgs.partition.region)
+    margin: float | str = 0.25
     coarse: str | None = None  # coarse model checkpoint (ssim only)
     ssim_max_side: int = 400  # ssim renders are downsampled to at most this many pixels a side
     device: str = "auto"  # ssim renders: auto | cpu | cuda | cuda:N
@@ -107,18 +110,6 @@ class PartitionConfig:
     @property
     def effective_threshold(self) -> float | None:
         return DEFAULT_THRESHOLD[self.assignment] if self.threshold is None else float(self.threshold)
-
-
-def parse_margin(value, source: str = "config") -> float:
-    if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "infinity"):
-        return math.inf
-    try:
-        margin = float(value)
-    except (TypeError, ValueError):
-        margin = float("nan")
-    if not margin >= 0:
-        raise InputError(f"{source}: 'margin' must be a number >= 0 or inf, got {value!r}")
-    return margin
 
 
 def _check_aabb(aabb, source: str) -> np.ndarray:
@@ -200,6 +191,9 @@ class Partition:
         (default: the partition's margin); margin 0 equals `block_of_points(...) == block`."""
         block = self.blocks[block] if not isinstance(block, Block) else block
         margin = self.margin if margin is None else parse_margin(margin)
+        if margin == MARGIN_ALL:
+            raise ValueError("margin 'all' depends on the block's cameras: use "
+                             "mgs.partition.region.block_anchor_mask")
         points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         if math.isinf(margin):
             return np.ones(len(points), dtype=bool)
@@ -220,7 +214,8 @@ class Partition:
             "aabb_source": self.aabb_source,
             "block_dim": self.block_dim,
             "up": self.up,
-            "margin": "inf" if math.isinf(self.margin) else self.margin,
+            "margin": self.margin if isinstance(self.margin, float) and math.isfinite(self.margin)
+            else margin_label(self.margin),
             "assignment": self.assignment,
             "threshold": self.threshold,
             "min_cameras": self.min_cameras,
@@ -349,9 +344,12 @@ def partition_scene(scene_dir, out_dir, config: PartitionConfig | None = None) -
                           min_cameras=int(config.min_cameras), blocks=blocks,
                           aabb_source=aabb_source)
     point_blocks = partition.cell_to_block[point_cells]
+    from mgs.partition.region import held_points  # it imports this module
+
+    region_mask = held_points(partition, scene)
     for b, block in enumerate(blocks):
         block.points_in_cell = int((point_blocks == b).sum())
-        block.points_with_margin = int(partition.points_in_region(scene.points_xyz, b).sum())
+        block.points_with_margin = int(region_mask(b).sum())
         log.info("block %d: cells %s, %d train cameras (%d also validate; %d centred), %d points "
                  "(%d with margin)", b, cells_str(block.cells), len(block.train_cameras),
                  len(block.validation_cameras), block.centre_cameras, block.points_in_cell,

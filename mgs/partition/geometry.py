@@ -8,12 +8,17 @@ aabb, (2 − 1/m)·u/m outside; q = c/4 + 1/2. The aabb maps to [0.25, 0.75]³, 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
+
+from mgs.errors import InputError
 
 log = logging.getLogger("mgs.partition")
 
 AXES = "xyz"
+# the margin that keeps every anchor the block's cameras see (mgs.partition.region)
+MARGIN_ALL = "all"
 FLAT_RATIO = 0.02  # official: an aabb thinner than this (min/max radius) is flat
 
 
@@ -103,3 +108,25 @@ def auto_aabb(centres: np.ndarray, axes: np.ndarray, points: np.ndarray) -> np.n
                  AXES[axis], radius[axis])
     radius = np.maximum(radius, FLAT_RATIO * max(radius.max(), 1e-9))
     return np.stack([focus - radius, focus + radius])
+
+
+def margin_label(margin: float | str) -> str:
+    """How a margin reads in logs, plots and the schema's words: 0.25, inf or all."""
+    if margin == MARGIN_ALL:
+        return MARGIN_ALL
+    return "inf" if math.isinf(margin) else f"{margin:g}"
+
+
+def parse_margin(value, source: str = "config") -> float | str:
+    """A margin in cell sizes (a float, inf included) or the word `all`."""
+    if isinstance(value, str) and value.strip().lower() == MARGIN_ALL:
+        return MARGIN_ALL
+    if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "infinity"):
+        return math.inf
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        margin = float("nan")
+    if not margin >= 0:
+        raise InputError(f"{source}: 'margin' must be a number >= 0, inf or all, got {value!r}")
+    return margin

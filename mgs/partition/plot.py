@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from mgs.atomic import atomic_path  # noqa: E402
-from mgs.partition.geometry import AXES, contract, uncontract  # noqa: E402
+from mgs.partition.geometry import AXES, contract, margin_label, uncontract  # noqa: E402
 
 MAX_PLOTTED_POINTS = 100_000
 LABEL = dict(ha="center", va="center", fontsize=11, weight="bold", zorder=5,
@@ -131,7 +131,7 @@ def plot_partition(partition, points: np.ndarray, camera_centres: np.ndarray,
     ncol = min(4, len(handles))
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     rows = int(np.ceil(len(handles) / ncol))
-    margin = "∞" if np.isinf(partition.margin) else f"{partition.margin:g}"
+    margin = margin_label(partition.margin).replace("inf", "∞")
     fig.suptitle(f"{partition.num_blocks} blocks, grid {'×'.join(map(str, partition.block_dim))}, "
                  f"up {partition.up}, assignment {partition.assignment}"
                  f"{'' if partition.threshold is None else f' > {partition.threshold:g}'}, "
