@@ -33,6 +33,7 @@ rule export:
     input:
         config=ancient(run_file("config")),
         splats=run_file("splats"),
+        decoder=run_file("model_decoder"),  # the merged model, measured beside its exports
         scene=run_file("scene"),
         gsplat=gsplat_build_input,
     output:
