@@ -186,3 +186,9 @@ def test_allow_full_rerun_from_the_command_line_is_a_boolean():
     assert config["allow_full_rerun"] is True
     with pytest.raises(MgsError, match="allow_full_rerun"):
         check_workflow_config({"scenes": {"demo": {}}, "allow_full_rerun": "sure"})
+
+
+def test_a_rerun_that_redoes_init_says_keep_rounds_removed_round_0():
+    jobs = [("init", {"scene": "rubble"})] + _jobs("rubble", range(1, 121), range(8))
+    message = rerun_guard(jobs, ["results/rubble/rounds/1/block_3.pt"], SCENES)
+    assert "round 0's block checkpoints" in message and "init and every round" in message

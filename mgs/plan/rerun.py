@@ -54,10 +54,13 @@ def rerun_guard(jobs, forced, scenes: dict, allow: bool = False) -> str | None:
     rounds_named = [r for (s, _), r in named.items() if s == scene and r is not None]
     planned = sorted({int(w["r"]) for rule, w in jobs
                       if rule == "train_block" and w["scene"] == scene})
-    if rounds_named and planned and planned[0] < min(rounds_named):
-        why = (f"round {min(rounds_named)} starts from round {min(rounds_named) - 1}'s block "
-               f"checkpoints, which momentum.keep_rounds ({momentum['keep_rounds']}) removed, so "
-               f"Snakemake retrains rounds {planned[0]}-{min(rounds_named) - 1} of every block")
+    redo_init = any(rule == "init" and w.get("scene") == scene for rule, w in jobs)
+    if rounds_named and planned and (redo_init or planned[0] < min(rounds_named)):
+        first = min(rounds_named)
+        redone = "init and every round" if redo_init else f"rounds {planned[0]}-{first - 1}"
+        why = (f"round {first} starts from round {first - 1}'s block checkpoints, which "
+               f"momentum.keep_rounds ({momentum['keep_rounds']}) removed, so Snakemake redoes "
+               f"{redone} of every block")
     else:
         why = "every later round and finalize of every block starts from the named round's sync"
     targets = " ".join(f"-R {one_block_target(scene, b, momentum)}" for b in own)
