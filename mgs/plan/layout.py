@@ -35,6 +35,20 @@ FILES = {
     "metrics": "eval/metrics.json",
     "per_view": "eval/per_view.csv",
 }
+# each rule's log; a retry reads the failed attempt's (mgs.plan.resources.ran_out)
+LOGS = {
+    "configure": "logs/configure.log",
+    "scene": "logs/scene.log",
+    "coarse": "logs/coarse.log",
+    "partition": "logs/partition.log",
+    "init": "logs/init.log",
+    "train_block": "logs/train_block/round_{r}/block_{b}.log",
+    "sync": "logs/sync/round_{r}.log",
+    "finalize_block": "logs/finalize_block/block_{b}.log",
+    "merge": "logs/merge.log",
+    "export": "logs/export.log",
+    "evaluate": "logs/evaluate.log",
+}
 # what `mgs report` reads of a run, besides its rounds' decoder summaries and sync tables
 REPORT_FILES = ["metrics", "per_view", "config", "partition", "partition_plot", "export_table"]
 
@@ -47,6 +61,12 @@ class _Wildcards(dict):
 def file(name: str, **values) -> str:
     """The path of file `name` inside a run folder; unnamed {r}/{b} stay wildcards."""
     return string.Formatter().vformat(FILES[name], (), _Wildcards(values))
+
+
+def run_log(rule: str, scene: str = "{scene}", **values) -> str:
+    """A rule's log, from the repository root (a pattern with the defaults)."""
+    path = string.Formatter().vformat(LOGS[rule], (), _Wildcards(values))
+    return f"{RESULTS}/{scene}/{path}"
 
 
 def run_file(name: str, scene: str = "{scene}", **values) -> str:
@@ -90,14 +110,19 @@ def report_files(scene: str, rounds: int, block_ids, final_iterations: int) -> l
 
 
 @functools.lru_cache(maxsize=None)
-def _block_ids(path: str, mtime_ns: int) -> list[int]:
+def _read_json(path: str, mtime_ns: int) -> dict:
     with open(path) as handle:
-        ids = [int(block["id"]) for block in json.load(handle)["blocks"]]
-    if not ids:
-        raise InputError(f"{path} lists no blocks; check the partition settings")
-    return ids
+        return json.load(handle)
+
+
+def read_json(path: str) -> dict:
+    """A small JSON file of a run (scene.json, partition.json), read once per version of it."""
+    return _read_json(path, os.stat(path).st_mtime_ns)
 
 
 def block_ids(path: str) -> list[int]:
-    """The block ids of partition.json at `path`, read once per version of the file."""
-    return _block_ids(path, os.stat(path).st_mtime_ns)
+    """The block ids of partition.json at `path`."""
+    ids = [int(block["id"]) for block in read_json(path)["blocks"]]
+    if not ids:
+        raise InputError(f"{path} lists no blocks; check the partition settings")
+    return ids

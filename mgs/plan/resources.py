@@ -7,22 +7,15 @@ override any of them with set-resources in its profile; `mgs plan` prints them."
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 
-from mgs.plan.layout import round_state, run_path
+from mgs.plan.layout import LOGS, read_json, round_state, run_file, run_log
 
 # rule -> what its job holds
 RULE_KIND = {"train_block": "block", "finalize_block": "block", "coarse": "coarse",
              "partition_ssim": "partition", "evaluate": "evaluate", "export": "evaluate",
              "merge": "merge", "gsplat_build": "gsplat_build"}
 KINDS = tuple(sorted(set(RULE_KIND.values())))
-# each rule's log inside the run folder (the rules declare the same): read on a retry
-LOGS = {"train_block": "logs/train_block/round_{r}/block_{b}.log",
-        "finalize_block": "logs/finalize_block/block_{b}.log", "coarse": "logs/coarse.log",
-        "partition_ssim": "logs/partition.log", "evaluate": "logs/evaluate.log",
-        "export": "logs/export.log", "merge": "logs/merge.log"}
 # megapixels of a full-size image per source (rescaled by resolution and train.resolution)
 SOURCE_MPX = {"mill19": 16.0, "urbanscene3d": 20.0, "matrixcity": 1.44}
 DEFAULT_MPX = 4.0  # colmap and images scenes
@@ -42,20 +35,9 @@ def image_mpx(scene: dict) -> float:
     return mpx / scene["train"]["resolution"] ** 2
 
 
-@functools.lru_cache(maxsize=None)
-def _read_json(path: str, mtime_ns: int) -> dict:
-    with open(path) as handle:
-        return json.load(handle)
-
-
-def read_json(path: str) -> dict:
-    """A small JSON file, read once per content version (keyed by its mtime)."""
-    return _read_json(path, os.stat(path).st_mtime_ns)
-
-
 def scene_counts(name: str) -> tuple[int, int]:
     """(train, test) camera counts from scene.json once it exists, else a guess."""
-    path = run_path(name, "scene", "scene.json")
+    path = run_file("scene", name)
     if not os.path.isfile(path):
         return UNKNOWN_COUNTS
     data = read_json(path)
@@ -63,7 +45,7 @@ def scene_counts(name: str) -> tuple[int, int]:
 
 
 def block_cameras(name: str, b) -> int:
-    data = read_json(run_path(name, "partition", "partition.json"))
+    data = read_json(run_file("partition", name))
     block = next(blk for blk in data["blocks"] if int(blk["id"]) == int(b))
     return len(block["train_cameras"]) + len(block["validation_cameras"])
 
@@ -146,8 +128,9 @@ def job_request(rule: str, scene: dict, name: str, attempt: int = 1, inputs=(), 
     yet. On a retry (attempt > 1) what grows follows the previous attempt's log (`ran_out`)."""
     kind = RULE_KIND[rule]
     cause = "both"
-    if attempt > 1 and rule in LOGS:
-        cause = ran_out(run_path(name, LOGS[rule].format(r=round, b=block)))
+    log_rule = "partition" if rule == "partition_ssim" else rule
+    if attempt > 1 and log_rule in LOGS:
+        cause = ran_out(run_log(log_rule, name, r=round, b=block))
     if kind == "gsplat_build":
         request = scaled_request(attempt, GSPLAT_BUILD["mem_mb"], GSPLAT_BUILD["runtime"], cause)
         return dict(request, gpu_mem_mb=0, ran_out=cause, constraint=None)

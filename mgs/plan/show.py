@@ -18,7 +18,7 @@ def _blocks(name: str, scene: dict) -> list:
     """Block ids from partition.json, else the grid's cells (before merging)."""
     path = layout.run_file("partition", name)
     if os.path.isfile(path):
-        return [int(b["id"]) for b in resources.read_json(path)["blocks"]]
+        return [int(b["id"]) for b in layout.read_json(path)["blocks"]]
     return list(range(math.prod(scene["partition"]["block_dim"])))
 
 

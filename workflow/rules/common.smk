@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 from mgs.errors import MgsError
 from mgs.plan import layout, resources, settings
-from mgs.plan.layout import run_file
+from mgs.plan.layout import run_file, run_log
 from mgs.plan.rerun import one_block_target, rerun_guard
 from mgs.plan.config import check_workflow_config, selected_scenes
 

@@ -16,7 +16,7 @@ rule evaluate:
         ),
         per_view=run_file("per_view"),
     log:
-        "results/{scene}/logs/evaluate.log",
+        run_log("evaluate"),
     benchmark:
         "results/{scene}/benchmarks/evaluate.tsv"
     conda:

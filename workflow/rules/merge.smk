@@ -12,7 +12,7 @@ rule merge:
         anchors=run_file("model_anchors"),
         splats=run_file("splats"),
     log:
-        "results/{scene}/logs/merge.log",
+        run_log("merge"),
     benchmark:
         "results/{scene}/benchmarks/merge.tsv"
     conda:
@@ -40,7 +40,7 @@ rule export:
         splat=run_file("splat"),
         table=run_file("export_table"),
     log:
-        "results/{scene}/logs/export.log",
+        run_log("export"),
     benchmark:
         "results/{scene}/benchmarks/export.tsv"
     conda:

@@ -10,7 +10,7 @@ rule coarse:
     output:
         run_file("coarse"),
     log:
-        "results/{scene}/logs/coarse.log",
+        run_log("coarse"),
     benchmark:
         "results/{scene}/benchmarks/coarse.tsv"
     conda:
@@ -45,7 +45,7 @@ checkpoint partition:
             labels={"scene": "{scene}"},
         ),
     log:
-        "results/{scene}/logs/partition.log",
+        run_log("partition"),
     benchmark:
         "results/{scene}/benchmarks/partition.tsv"
     wildcard_constraints:
@@ -76,7 +76,7 @@ checkpoint partition_ssim:
             labels={"scene": "{scene}"},
         ),
     log:
-        "results/{scene}/logs/partition.log",
+        run_log("partition"),
     benchmark:
         "results/{scene}/benchmarks/partition.tsv"
     wildcard_constraints:

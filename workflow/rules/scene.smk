@@ -10,7 +10,7 @@ checkpoint configure:
     output:
         update(run_file("config")),
     log:
-        "results/{scene}/logs/configure.log",
+        run_log("configure"),
     benchmark:
         "results/{scene}/benchmarks/configure.tsv"
     conda:
@@ -27,7 +27,7 @@ rule scene_synthetic:
     output:
         run_file("scene"),
     log:
-        "results/{scene}/logs/scene.log",
+        run_log("scene"),
     benchmark:
         "results/{scene}/benchmarks/scene.tsv"
     wildcard_constraints:
@@ -48,7 +48,7 @@ rule scene_images:
     output:
         run_file("scene"),
     log:
-        "results/{scene}/logs/scene.log",
+        run_log("scene"),
     benchmark:
         "results/{scene}/benchmarks/scene.tsv"
     wildcard_constraints:
@@ -71,7 +71,7 @@ rule scene_ingest:
     output:
         run_file("scene"),
     log:
-        "results/{scene}/logs/scene.log",
+        run_log("scene"),
     benchmark:
         "results/{scene}/benchmarks/scene.tsv"
     wildcard_constraints:

@@ -11,7 +11,7 @@ rule init:
     output:
         directory(run_file("init")),
     log:
-        "results/{scene}/logs/init.log",
+        run_log("init"),
     benchmark:
         "results/{scene}/benchmarks/init.tsv"
     conda:
@@ -32,7 +32,7 @@ rule train_block:
         # student, teacher and metrics only: what sync reads
         decoder=run_file("decoder"),
     log:
-        "results/{scene}/logs/train_block/round_{r}/block_{b}.log",
+        run_log("train_block"),
     benchmark:
         "results/{scene}/benchmarks/train_block/round_{r}/block_{b}.tsv"
     group:
@@ -64,7 +64,7 @@ rule sync:
         shared=run_file("shared"),
         table=run_file("sync_table"),
     log:
-        "results/{scene}/logs/sync/round_{r}.log",
+        run_log("sync"),
     benchmark:
         "results/{scene}/benchmarks/sync/round_{r}.tsv"
     wildcard_constraints:
@@ -97,7 +97,7 @@ rule finalize_block:
     output:
         run_file("final"),
     log:
-        "results/{scene}/logs/finalize_block/block_{b}.log",
+        run_log("finalize_block"),
     benchmark:
         "results/{scene}/benchmarks/finalize_block/block_{b}.tsv"
     conda:
