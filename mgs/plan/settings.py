@@ -74,27 +74,25 @@ def folder_manifest(path: str, cache: str | None = DIGEST_CACHE) -> str:
     and content hashes, so a copy, a move or a `touch` changes nothing. A file's hash is cached
     by its absolute path, size and mtime in `cache` (None: no cache), so an unchanged file is
     read once."""
+    from tqdm import tqdm
+
     from mgs.images import file_digest
 
-    known = _load_digests(cache)
-    lines, fresh = [], 0
-    for root, dirs, files in os.walk(path):
+    known, files = _load_digests(cache), []
+    for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or Path(name).suffix.lower() not in DATASET_SUFFIXES:
-                continue
-            full = os.path.abspath(os.path.join(root, name))
-            stat = os.stat(full)
-            stamp = [stat.st_size, stat.st_mtime_ns]
-            entry = known.get(full)
-            if not entry or entry[:2] != stamp:
-                entry = known[full] = [*stamp, file_digest(Path(full))]
-                fresh += 1
-            lines.append(f"{os.path.relpath(full, os.path.abspath(path))}\t{stat.st_size}\t"
-                         f"{entry[2]}")
+        files += [os.path.abspath(os.path.join(root, name)) for name in sorted(names)
+                  if not name.startswith(".") and Path(name).suffix.lower() in DATASET_SUFFIXES]
+    stamps = {full: [os.stat(full).st_size, os.stat(full).st_mtime_ns] for full in files}
+    fresh = [full for full in files if (known.get(full) or [None, None])[:2] != stamps[full]]
+    # a first look at a large dataset reads every image once: show it
+    for full in tqdm(fresh, desc=f"fingerprinting {path}", unit="file", disable=len(fresh) < 50):
+        known[full] = [*stamps[full], file_digest(Path(full))]
     if fresh and cache:
         _save_digests(cache, known)
-    return digest(lines)
+    root = os.path.abspath(path)
+    return digest([f"{os.path.relpath(full, root)}\t{stamps[full][0]}\t{known[full][2]}"
+                   for full in files])
 
 
 def _load_digests(cache: str | None) -> dict:

@@ -51,23 +51,24 @@ def scene_config(wildcards):
         ) from None
 
 
-def _names_regex(names):
+def scenes_regex(test):
+    """Regex of the configured scene names whose settings pass `test` (a rule's scenes)."""
+    names = [name for name, scene in config["scenes"].items() if test(scene)]
     return "|".join(names) if names else "(?!x)x"  # (?!x)x never matches
 
 
 def scene_names_regex(*sources):
-    """Regex of the configured scene names with one of `sources`."""
-    return _names_regex(
-        [n for n, s in config["scenes"].items() if s["source"] in sources]
-    )
+    return scenes_regex(lambda scene: scene["source"] in sources)
+
+
+def ssim_scenes_regex(ssim=True):
+    """Scenes whose partition renders a coarse model (ssim assignment: a GPU job), or the others."""
+    return scenes_regex(lambda s: (s["partition"]["assignment"] == "ssim") == ssim)
 
 
 def grouped_scenes_regex(grouped=True):
     """Scenes whose rounds run as group jobs (cluster.rounds_per_job > 1), or the others."""
-    scenes = config["scenes"].items()
-    return _names_regex(
-        [n for n, s in scenes if (s["cluster"]["rounds_per_job"] > 1) == grouped]
-    )
+    return scenes_regex(lambda s: (s["cluster"]["rounds_per_job"] > 1) == grouped)
 
 
 def round_group(wildcards):
@@ -77,14 +78,6 @@ def round_group(wildcards):
     if per_job <= 1:
         return None
     return f"rounds_{wildcards.scene}_{(int(wildcards.r) - 1) // per_job + 1}"
-
-
-def ssim_scenes_regex(ssim=True):
-    """Scenes whose partition renders a coarse model (ssim assignment: a GPU job), or the others."""
-    scenes = config["scenes"].items()
-    return _names_regex(
-        [n for n, s in scenes if (s["partition"]["assignment"] == "ssim") == ssim]
-    )
 
 
 def _preflight():
