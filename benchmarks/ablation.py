@@ -1,7 +1,10 @@
 """Multi-seed ablation of the Momentum-GS training strategies (paper Table 5 shape).
 
-A synthetic city where blocks differ: one quadrant keeps only a third of its photos, so one block
-has far fewer views than the others. Every variant trains the same steps per block
+Two scenes (`--scene`): `city`, a synthetic city where blocks differ (one quadrant keeps only a
+third of its photos, so one block has far fewer views than the others), and `caliterra`, the 75
+real drone photos of ../shared/data/caliterra (SfM once with `mgs sfm`'s pipeline, cached in
+WORK/scene; `--scene-dir` reuses a scene made by `mgs sfm` elsewhere), where loading a sync's
+average costs a block 1–2 dB. Every variant trains the same steps per block
 (`rounds` x `iterations_per_round` + `final_iterations`) through the in-process block pipeline
 (`mgs.blocks.train_all`, the same functions the workflow's jobs call), for every seed, and is
 scored on the held-out test views with `mgs.evaluate` (PSNR, SSIM, LPIPS-VGG, raw and
@@ -14,13 +17,17 @@ colour-corrected). Variants:
   full                momentum + block weighting
   control             momentum with λ_c = 0.01: must equal shared within seed noise
 
+Any other variant is MODE[+KEY=VALUE...] with momentum keys, e.g.
+`momentum+teacher=global+consistency_weight=5` or `shared+sync=fit`.
+
 Jobs run in parallel worker processes (one torch/numba thread each); a finished job's
 result.json is reused, so an interrupted benchmark resumes. Prints the per-seed table, then
 mean ± std per variant, paired differences with their sign in every seed, the per-round
 diagnostics (consistency share, sync cost, drift) and writes summary.csv for `mgs report
 --ablation`.
 
-    python benchmarks/ablation.py [--work results/ablation] [--seeds 0 1 2] [--workers 2]
+    python benchmarks/ablation.py [--scene city|caliterra] [--work results/ablation]
+        [--seeds 0 1 2] [--workers 2] [--variants shared momentum+teacher=global ...]
 """
 
 from __future__ import annotations
@@ -39,13 +46,40 @@ import pandas as pd
 import yaml
 
 VARIANTS = ("single", "independent", "shared", "momentum", "full", "control")
-MODE = {"single": "single", "independent": "independent", "shared": "shared",
-        "momentum": "momentum", "full": "full", "control": "momentum"}
+NAMED = {"control": {"mode": "momentum", "consistency_weight": 0.01}}
 SCENE = dict(seed=0, num_views=72, width=96, height=72, num_points=2500, supersample=1)
 SPARSE_KEEP = 3  # the sparse quadrant keeps every 3rd of its train views
 TRAIN = dict(voxel_size=0.04, densify_grad_threshold=0.0008, start_stat=20, update_from=40,
              update_interval=20, eval_interval=100_000, checkpoint_interval=100_000, threads=1)
+# Caliterra: 1000×750 photos trained at 1/8 (125×94), metres; schedule scaled like the demo's
+CALITERRA = Path(__file__).resolve().parents[1] / "../shared/data/caliterra/images"
+CALITERRA_SFM = dict(matching="spatial", max_image_size=800, max_features=2048)
+CALITERRA_TRAIN = dict(resolution=8, voxel_size=0.01, densify_grad_threshold=0.0008,
+                       start_stat=50, update_from=50, update_interval=50,
+                       eval_interval=100_000, checkpoint_interval=100_000, threads=1)
+# steps per block and the block-weight width σ: the paper's 9-13 dB suit a real scene's PSNR
+# spread, the city's blocks differ by ~1 dB
+SCHEDULE = {"city": dict(rounds=12, iterations_per_round=40, final_iterations=60, sigma=1.0),
+            "caliterra": dict(rounds=4, iterations_per_round=160, final_iterations=100,
+                              sigma=10.0)}
 METRICS = ("psnr", "ssim", "lpips_vgg", "psnr_cc", "ssim_cc", "lpips_vgg_cc")
+
+
+def variant_settings(variant: str) -> dict:
+    """A variant's momentum settings: a named one, or MODE[+KEY=VALUE...]."""
+    from mgs.momentum import MODES
+
+    head, *pairs = variant.split("+")
+    settings = dict(NAMED.get(head, {"mode": head}))
+    if settings["mode"] not in MODES:
+        raise SystemExit(f"variant {variant!r}: {head!r} is neither a mode ({', '.join(MODES)})"
+                         f" nor one of {', '.join(NAMED)}")
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not value:
+            raise SystemExit(f"variant {variant!r}: write options as +KEY=VALUE")
+        settings[key] = yaml.safe_load(value)
+    return settings
 
 
 def make_scene(scene_dir: Path) -> None:
@@ -67,16 +101,32 @@ def make_scene(scene_dir: Path) -> None:
           flush=True)
 
 
+def make_caliterra(scene_dir: Path, images: Path, cached: Path | None) -> None:
+    """The real capture's SfM scene, made once (or linked from `cached`)."""
+    if (scene_dir / "scene.json").exists():
+        return
+    if cached is not None:
+        if not (cached / "scene.json").is_file():
+            raise SystemExit(f"--scene-dir {cached} holds no scene.json; make it with `mgs sfm`")
+        scene_dir.parent.mkdir(parents=True, exist_ok=True)
+        scene_dir.symlink_to(cached.resolve())
+        return
+    from mgs.ingest.sfm import SfmConfig, run_sfm
+
+    if not images.is_dir():
+        raise SystemExit(f"Caliterra photos not found at {images}; pass --images DIR")
+    run_sfm(images, scene_dir, SfmConfig(**CALITERRA_SFM))
+
+
 def job_config(variant: str, seed: int, opts) -> dict:
     steps = opts.rounds * opts.iterations_per_round + opts.final_iterations
-    train = dict(TRAIN, seed=seed, iterations=steps, lr_max_steps=steps // 2,
+    base = CALITERRA_TRAIN if opts.scene == "caliterra" else TRAIN
+    train = dict(base, seed=seed, iterations=steps, lr_max_steps=steps // 2,
                  update_until=steps // 2)
-    momentum = dict(mode=MODE[variant], rounds=opts.rounds,
-                    iterations_per_round=opts.iterations_per_round,
+    momentum = dict(rounds=opts.rounds, iterations_per_round=opts.iterations_per_round,
                     final_iterations=opts.final_iterations, sigma=opts.sigma,
-                    consistency_weight=opts.consistency_weight)
-    if variant == "control":
-        momentum["consistency_weight"] = 0.01
+                    consistency_weight=opts.consistency_weight, keep_rounds=0)
+    momentum.update(variant_settings(variant))
     return {"train": train, "momentum": momentum}
 
 
@@ -90,7 +140,7 @@ def run_job(root: Path, scene_dir: Path, config: dict, single: bool) -> dict:
     if not (root / "scene").exists():
         (root / "scene").symlink_to(scene_dir.resolve())
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    dims = [1, 1, 1] if single else [2, 2, 1]
+    dims = [1, 1, 1] if single else [2, 2, 1]  # margin 0.25: the default (and cheaper than all)
     partition_scene(root / "scene", root / "partition",
                     PartitionConfig(block_dim=dims, margin=0.25, min_cameras=3))
     start = time.perf_counter()
@@ -137,6 +187,7 @@ def launch(name: str, root: Path, scene_dir: Path, config: dict, single: bool,
         raise SystemExit(f"ablation job {name} failed; see {root / 'job.log'}")
     row = json.loads(result.read_text())
     print(f"{name}: PSNR {row['psnr']:.2f}  SSIM {row['ssim']:.4f}  LPIPS {row['lpips_vgg']:.4f}"
+          f"  sync cost {row.get('sync_cost_db', float('nan')):+.2f} dB"
           f"  ({row['seconds']:.0f} s)", flush=True)
     return row
 
@@ -147,7 +198,7 @@ def run_all(jobs: list[tuple], workers: int) -> list[dict]:
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    stats = rows.groupby("variant", sort=False)[list(METRICS)].agg(["mean", "std"])
+    stats = rows.groupby("variant", sort=False)[[*METRICS, "sync_cost_db"]].agg(["mean", "std"])
     stats.columns = [f"{m}_{s}" for m, s in stats.columns]
     stats["seeds"] = rows.groupby("variant", sort=False).size()
     return stats.reset_index()
@@ -170,22 +221,38 @@ def paired(rows: pd.DataFrame, a: str, b: str, metric: str = "psnr") -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("results/ablation"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--scene", choices=("city", "caliterra"), default="city")
+    parser.add_argument("--work", type=Path,
+                        help="default results/ablation (city), results/ablation-caliterra")
+    parser.add_argument("--images", type=Path, default=CALITERRA,
+                        help="the Caliterra photos (for --scene caliterra)")
+    parser.add_argument("--scene-dir", type=Path,
+                        help="reuse this `mgs sfm` scene of the photos instead of running SfM")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help="named variants or MODE[+KEY=VALUE...]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--iterations-per-round", type=int, default=40)
-    parser.add_argument("--final-iterations", type=int, default=60)
+    parser.add_argument("--rounds", type=int, help="default 12 (city), 4 (caliterra)")
+    parser.add_argument("--iterations-per-round", type=int,
+                        help="default 40 (city), 160 (caliterra)")
+    parser.add_argument("--final-iterations", type=int, help="default 60 (city), 100 (caliterra)")
     parser.add_argument("--consistency-weight", type=float, default=50.0)
-    parser.add_argument("--sigma", type=float, default=1.0,
-                        help="block-weight width; the paper's 9-13 dB suit its PSNR spread")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="A:B",
+                        help="more paired differences to print, variant A minus variant B")
+    parser.add_argument("--sigma", type=float, help="block-weight width: default 1 (city), "
+                        "10 (caliterra)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser
 
 
 def main() -> None:
     opts = build_parser().parse_args()
+    defaults = SCHEDULE[opts.scene]
+    for key in ("rounds", "iterations_per_round", "final_iterations", "sigma"):
+        if getattr(opts, key) is None:
+            setattr(opts, key, defaults[key])
+    opts.work = opts.work or Path("results/ablation" if opts.scene == "city"
+                                  else "results/ablation-caliterra")
     if opts.job:  # worker process
         spec = json.loads(opts.job)
         row = run_job(Path(spec["root"]), Path(spec["scene"]), spec["config"], spec["single"])
@@ -194,9 +261,12 @@ def main() -> None:
 
     start = time.perf_counter()
     scene_dir = opts.work / "scene"
-    make_scene(scene_dir)
+    if opts.scene == "city":
+        make_scene(scene_dir)
+    else:
+        make_caliterra(scene_dir, opts.images, opts.scene_dir)
     jobs = [(f"{v}/seed {s}", opts.work / v / f"seed{s}", scene_dir, job_config(v, s, opts),
-             v == "single") for s in opts.seeds for v in opts.variants]
+             variant_settings(v)["mode"] == "single") for s in opts.seeds for v in opts.variants]
     results = run_all(jobs, opts.workers)
 
     rows = pd.DataFrame([dict(variant=name.split("/")[0], seed=int(name.split("seed ")[1]), **r)
@@ -213,6 +283,7 @@ def main() -> None:
     print("\nmean ± std over seeds (test views, raw):")
     for _, s in summary.iterrows():
         print(f"{s['variant']:<16} PSNR {s['psnr_mean']:.2f} ± {s['psnr_std']:.2f}   "
+              f"sync cost {s['sync_cost_db_mean']:+.2f} ± {s['sync_cost_db_std']:.2f} dB   "
               f"SSIM {s['ssim_mean']:.4f} ± {s['ssim_std']:.4f}   "
               f"LPIPS-VGG {s['lpips_vgg_mean']:.4f} ± {s['lpips_vgg_std']:.4f}   "
               f"(colour-corrected PSNR {s['psnr_cc_mean']:.2f} ± {s['psnr_cc_std']:.2f}, "
@@ -220,7 +291,7 @@ def main() -> None:
     print("\npaired differences (test PSNR):")
     for a, b in (("momentum", "shared"), ("full", "independent"),
                  ("full", "single"), ("full", "momentum"), ("shared", "independent"),
-                 ("control", "shared")):
+                 ("control", "shared"), *(pair.split(":", 1) for pair in opts.compare)):
         if {a, b} <= set(rows.variant):
             print("  " + paired(rows, a, b))
     print(f"\nbenchmark wall time {time.perf_counter() - start:.0f} s "

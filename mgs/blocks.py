@@ -26,12 +26,13 @@ from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.config import TrainConfig, yaml_section
 from mgs.errors import InputError
 from mgs.model import Anchors, Decoder, initial_log_scale, voxelize
-from mgs.momentum import (MomentumConfig, block_weights, state_distance, update_metric_ema,
-                          weighted_average)
+from mgs.momentum import (MomentumConfig, block_weights, next_teacher, state_distance,
+                          update_metric_ema, weighted_average)
 from mgs.partition import load_partition
 from mgs.partition.region import block_anchor_mask
 from mgs.plan import layout
 from mgs.scene import load_scene
+from mgs.sync_fit import fit_shared_decoder, sample_decoder_inputs
 from mgs.device import resolve_device
 from mgs.train import Trainer, new_loss_sums, spatial_lr_scale
 from mgs.training_loop import run_training
@@ -63,6 +64,8 @@ class Run:
     def config_hash(self) -> str:
         """Keys that make block checkpoints incompatible (rounds may grow)."""
         shaped = [self.train.shape_hash(), self.momentum.mode, self.momentum.iterations_per_round]
+        if (self.momentum.teacher, self.momentum.sync) != ("step", "average"):  # keeps older
+            shaped += [self.momentum.teacher, self.momentum.sync]  # runs' hashes unchanged
         return hashlib.sha256(json.dumps(shaped).encode()).hexdigest()[:16]
 
     def scene(self):
@@ -157,14 +160,17 @@ def _block_trainer(run: Run, block_state: dict, block: int, shared: dict, use_te
     consistency, weight = 0.0, 1.0
     if use_teacher:
         teacher = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
-        consistency = momentum.consistency_weight
+        # a teacher fixed for the round (global, global-ema) exists only from the first sync on
+        if momentum.per_step_teacher or int(shared["round"]) > 0:
+            consistency = momentum.consistency_weight
     if momentum.uses_weighting:
         weight = float(shared["weights"][block])
     trainer = Trainer(Anchors.from_tensors(block_state["anchors"]), decoder, config, train_views,
                       float(block_state["lr_scale"]), device, teacher=teacher,
                       consistency_weight=consistency, loss_weight=weight, stream=block + 1,
                       freeze_decoder=freeze_decoder,
-                      teacher_momentum=momentum.momentum,
+                      # 1: a teacher fixed for the round (global, global-ema)
+                      teacher_momentum=momentum.momentum if momentum.per_step_teacher else 1.0,
                       # the table's rows are the scene's training images: read only when used
                       appearance=(AppearanceImages.from_scene(run.scene())
                                   if config.appearance_dim else None))
@@ -223,7 +229,10 @@ def _train_round(run: Run, block: int, round_index: int, source: dict, shared: d
                   val_ssim_start=start["ssim"])
     run.save(out_path, result)
     if not finalize:  # what sync reads: kilobytes, not the full block
-        run.save(run.decoder_path(round_index, block), decoder_summary(result))
+        summary = decoder_summary(result)
+        if run.momentum.sync == "fit":  # the inputs sync fits the shared decoder on
+            summary["fit_sample"] = sample_decoder_inputs(trainer, seed=run.train.seed + block)
+        run.save(run.decoder_path(round_index, block), summary)
     partial_path.unlink(missing_ok=True)
     log.info("block %d %s: validation PSNR %.2f dB (%.2f at its start), SSIM %.4f, %d anchors",
              block, desc, metrics["psnr"], start["psnr"], metrics["ssim"], trainer.anchors.count)
@@ -275,10 +284,20 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     else:
         weights = [1.0] * n
     average = weighted_average([b["decoder"] for b in blocks], weights)
-    if momentum.uses_teacher:  # each block blended its own copy every step
-        teacher = weighted_average([b["teacher"] for b in blocks], weights)
-    else:
-        teacher = average
+    fit = {}
+    if momentum.sync == "fit":
+        average, fit = fit_shared_decoder(average, [b["decoder"] for b in blocks],
+                                          [b["fit_sample"] for b in blocks], weights,
+                                          run.train.feat_dim, run.train.n_offsets,
+                                          run.train.appearance_dim)
+        log.info("sync fit: distance to the blocks' students %s after averaging, %s after "
+                 "fitting", _short(fit["fit_before"]), _short(fit["fit_after"]))
+    teacher = average
+    if momentum.uses_teacher:  # a per-step teacher: each block blended its own copy every step
+        block_teachers = (weighted_average([b["teacher"] for b in blocks], weights)
+                          if momentum.per_step_teacher else None)
+        teacher = next_teacher(momentum.teacher, round_index, average, block_teachers,
+                               previous["teacher"], momentum.teacher_sync_momentum)
     shared = {
         "round": round_index, "student": average, "teacher": teacher,
         "weights": torch.tensor(weights, dtype=torch.float64),
@@ -295,6 +314,8 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     teacher_gap = state_distance(average, teacher)
     rows = [_sync_row(round_index, b, blocks[b], last_psnr[b], average, teacher_gap, psnr_ema[b],
                       ssim_ema[b], weights[b]) for b in range(n)]
+    for b, row in enumerate(rows):  # how far the shared decoder is from each block's student
+        row.update({key: values[b] for key, values in fit.items()})
     write_tsv(run.root / layout.file("sync_table", r=round_index), rows)
     for row in rows:
         log.info("round %d block %d: PSNR %.2f (start %.2f) SSIM %.4f weight %.4f, "
@@ -304,6 +325,10 @@ def sync_round(run: Run, round_index: int) -> list[dict]:
     if momentum.keep_rounds:
         prune_rounds(run, round_index - momentum.keep_rounds)
     return rows
+
+
+def _short(values: list[float]) -> str:
+    return ", ".join(f"{v:.3g}" for v in values)
 
 
 def score_with_shared_decoder(block: dict) -> tuple[float, float]:

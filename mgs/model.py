@@ -41,12 +41,15 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, latent: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`latent`: the image's appearance vector (appearance_dim,), required when that is > 0."""
+        """`latent`: the image's appearance vector (appearance_dim,) or one per row of `z`,
+        required when appearance_dim > 0."""
         color_in = z
         if self.appearance_dim:
             if latent is None:
                 raise ValueError("this decoder has an appearance input: pass the image's latent")
-            color_in = torch.cat([z, latent.reshape(1, -1).expand(z.shape[0], -1)], dim=1)
+            # one latent for every row (a view's), or one per row (sync_fit's samples)
+            rows = latent if latent.dim() == 2 else latent.reshape(1, -1).expand(z.shape[0], -1)
+            color_in = torch.cat([z, rows], dim=1)
         return self.opacity_mlp(z), self.cov_mlp(z), self.color_mlp(color_in)
 
 

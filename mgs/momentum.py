@@ -18,6 +18,14 @@ from mgs.config import check_config
 from mgs.errors import InputError
 
 MODES = ("single", "independent", "shared", "momentum", "full")
+# what the consistency loss pulls a block's student toward (DESIGN.md "The teacher"):
+#   step        the EMA of the block's own student, blended before every step (official)
+#   global      the last sync's average, fixed for the round (no pull in round 1)
+#   global-ema  the synced averages blended across syncs, fixed for the round
+TEACHERS = ("step", "global", "global-ema")
+# how sync makes the shared decoder: average the parameters, or fit one decoder to every
+# block's outputs on a sample of that block's decoder inputs (mgs.sync_fit)
+SYNCS = ("average", "fit")
 
 
 @dataclass
@@ -28,6 +36,9 @@ class MomentumConfig:
     final_iterations: int = 0  # anchor-only fine-tuning with the decoder frozen at the last average
     momentum: float = 0.9  # teacher <- m·teacher + (1 - m)·student before every step (official)
     consistency_weight: float = 50.0
+    teacher: str = "step"  # step | global | global-ema (TEACHERS)
+    teacher_sync_momentum: float = 0.5  # global-ema: T <- m_s·T + (1 - m_s)·average at each sync
+    sync: str = "average"  # average | fit (SYNCS)
     sigma: float = 10.0  # block-weight width (paper's adaptive sigma)
     ssim_scale: float = 10.0  # SSIM gap is scaled by this before squaring (paper's lambda=100)
     warmup_rounds: int = 1  # weights stay 1 up to and including this round
@@ -43,6 +54,13 @@ class MomentumConfig:
         if config.mode not in MODES:
             raise InputError(f"{source}: momentum 'mode' must be one of {', '.join(MODES)} "
                              f"(got {config.mode!r})")
+        for key, allowed in (("teacher", TEACHERS), ("sync", SYNCS)):
+            if getattr(config, key) not in allowed:
+                raise InputError(f"{source}: momentum '{key}' must be one of "
+                                 f"{', '.join(allowed)} (got {getattr(config, key)!r})")
+        if not 0.0 <= config.teacher_sync_momentum < 1.0:
+            raise InputError(f"{source}: 'teacher_sync_momentum' must be in [0, 1) "
+                             f"(got {config.teacher_sync_momentum})")
         for key in ("rounds", "iterations_per_round"):
             if getattr(config, key) <= 0:
                 raise InputError(f"{source}: momentum '{key}' must be > 0")
@@ -57,6 +75,11 @@ class MomentumConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.mode in ("momentum", "full")
+
+    @property
+    def per_step_teacher(self) -> bool:
+        """The teacher follows the block's student every step (else it is fixed for a round)."""
+        return self.uses_teacher and self.teacher == "step"
 
     @property
     def uses_weighting(self) -> bool:
@@ -100,6 +123,28 @@ def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, momentum: fl
     """In place, parameter by parameter: θ_T ← m·θ_T + (1 − m)·θ_S (the per-step teacher)."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+def next_teacher(mode: str, round_index: int, average: dict[str, torch.Tensor],
+                 block_teachers: dict[str, torch.Tensor] | None,
+                 previous: dict[str, torch.Tensor], sync_momentum: float
+                 ) -> dict[str, torch.Tensor]:
+    """The teacher that sync r hands to round r + 1.
+
+    `step`: the blocks' per-step teachers averaged like the students (`block_teachers`);
+    `global`: this sync's average; `global-ema`: m_s·previous + (1 − m_s)·average, starting
+    at the first sync's average (round 0's teacher is the random initial decoder)."""
+    if mode == "step":
+        if block_teachers is None:
+            raise ValueError("teacher 'step' needs the blocks' averaged teachers")
+        return block_teachers
+    if mode == "global" or round_index <= 1:
+        return {k: v.clone() for k, v in average.items()}
+    if mode == "global-ema":
+        return {k: (sync_momentum * previous[k].double()
+                    + (1.0 - sync_momentum) * average[k].double()).to(average[k].dtype)
+                for k in average}
+    raise ValueError(f"unknown teacher {mode!r}")
 
 
 def state_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

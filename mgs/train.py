@@ -208,7 +208,7 @@ class Trainer:
         step = self.step + 1  # 1-based like the official schedule
         self._set_learning_rates(self.optimizer, step)
         view = self.view_for_step(self.step)
-        if self.teacher is not None:
+        if self.teacher is not None and self.teacher_momentum < 1.0:  # 1: fixed for the round
             ema_update_(self.teacher, self.decoder, self.teacher_momentum)
         latent = self.latent(view)
         out, gaussians, attrs = self.render_view(view, latent)

@@ -61,7 +61,8 @@ SPECS: dict[str, dict[str, str]] = {
         "final_iterations": "int [0, inf)", "momentum": "float [0, 1)",
         "consistency_weight": "float [0, inf)", "sigma": "float (0, inf)",
         "ssim_scale": "float [0, inf)", "warmup_rounds": "int [0, inf)",
-        "metric_ema": "float [0, 1)", "keep_rounds": "int [0, inf)"},
+        "metric_ema": "float [0, 1)", "keep_rounds": "int [0, inf)", "teacher": "str",
+        "teacher_sync_momentum": "float [0, 1)", "sync": "str"},
 }
 # words a number key also takes (the dataclass gives them their meaning)
 WORDS: dict[tuple[str, str], tuple[str, ...]] = {("partition", "margin"): ("all",)}

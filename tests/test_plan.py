@@ -98,6 +98,20 @@ def test_speed_only_keys_are_no_rerun_trigger():
                                                                      "matching": "spatial"}))
 
 
+def test_teacher_and_sync_trigger_block_reruns_only_when_they_change_something():
+    momentum = {"mode": "full", "rounds": 4, "final_iterations": 0, "keep_rounds": 2,
+                "consistency_weight": 0.5}
+    scene = {"source": "images", "resolution": 1, "up": None, "train": {}, "momentum": momentum}
+    before = stage_keys("blocks", scene)  # a run made before teacher and sync existed
+    defaults = dict(momentum, teacher="step", sync="average", teacher_sync_momentum=0.5)
+    assert stage_keys("blocks", dict(scene, momentum=defaults)) == before
+    for changed in ({"teacher": "global"}, {"sync": "fit"}, {"teacher": "global-ema"}):
+        assert stage_keys("blocks", dict(scene, momentum={**defaults, **changed})) != before
+    ema = dict(defaults, teacher="global-ema")
+    assert stage_keys("blocks", dict(scene, momentum=ema)) != \
+        stage_keys("blocks", dict(scene, momentum=dict(ema, teacher_sync_momentum=0.9)))
+
+
 def test_a_block_request_counts_its_cameras_and_its_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scene = {"source": "synthetic", "resolution": 1, "synthetic": {"width": 1000, "height": 1000},

@@ -35,6 +35,16 @@ def _section(scene: dict, name: str, drop=()) -> dict:
     return {k: v for k, v in scene[name].items() if k not in drop}
 
 
+def _inert_momentum_keys(momentum: dict) -> tuple[str, ...]:
+    """Keys that shape nothing at their values: the per-step teacher and averaging sync of
+    runs made before `teacher` and `sync` existed keep their digests, so nothing reruns."""
+    inert = {"teacher": "step", "sync": "average"}
+    keys = [k for k, value in inert.items() if momentum.get(k, value) == value]
+    if momentum.get("teacher") != "global-ema":
+        keys.append("teacher_sync_momentum")
+    return tuple(keys)
+
+
 def stage_keys(stage: str, scene: dict) -> dict:
     """The config values that shape a stage's outputs (compute keys left out)."""
     # not the dataset's path: its content fingerprint (folder_manifest) is the trigger, so a
@@ -48,7 +58,9 @@ def stage_keys(stage: str, scene: dict) -> dict:
         return _section(scene, "partition", drop=("device",))
     blocks = {
         "train": _section(scene, "train"),
-        "momentum": _section(scene, "momentum", drop=("rounds", "final_iterations", "keep_rounds")),
+        "momentum": _section(scene, "momentum",
+                             drop=("rounds", "final_iterations", "keep_rounds",
+                                   *_inert_momentum_keys(scene["momentum"]))),
     }
     if stage == "blocks":  # init, train_block, sync: rounds may grow without a rerun
         return blocks
