@@ -47,7 +47,7 @@ class Decoder(nn.Module):
         if self.appearance_dim:
             if latent is None:
                 raise ValueError("this decoder has an appearance input: pass the image's latent")
-            # one latent for every row (a view's), or one per row (sync_fit's samples)
+            # one latent for every row (a view's), or one per row (mgs.blocks.fit's samples)
             rows = latent if latent.dim() == 2 else latent.reshape(1, -1).expand(z.shape[0], -1)
             color_in = torch.cat([z, rows], dim=1)
         return self.opacity_mlp(z), self.cov_mlp(z), self.color_mlp(color_in)

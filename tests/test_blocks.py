@@ -21,7 +21,7 @@ TRAIN = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=2, upda
              update_interval=5, update_until=20, eval_interval=10, checkpoint_interval=5,
              threads=2)
 MOMENTUM = dict(mode="full", rounds=2, iterations_per_round=10, final_iterations=5,
-                consistency_weight=50.0, sigma=1.0, keep_rounds=0)
+                consistency_weight=50.0, teacher="step", sigma=1.0, keep_rounds=0)  # the official teacher
 
 
 def make_run(root, tiny_scene, margin=0.25, **momentum):

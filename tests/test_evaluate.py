@@ -218,6 +218,9 @@ def test_report_has_paper_ablation_block_tables_and_figures(evaluated_run, tmp_p
     assert paper.loc[paper["method"] == "Momentum-GS", "PSNR"].item() == pytest.approx(26.66)
     ablation = pd.read_csv(out / "ablation.csv")
     assert list(ablation["mode"]) == ["single", "full"]
+    costs = pd.concat(pd.read_csv(p, sep="\t") for p in run.root.glob("rounds/*/sync.tsv"))
+    assert ablation["sync cost (dB)"].iloc[1] == pytest.approx(
+        costs["previous_sync_cost"].mean(), abs=1e-6)
     blocks = pd.read_csv(out / "blocks.csv")
     assert len(blocks) == 4 and blocks["anchors"].gt(0).all() and blocks["weight"].ge(1).all()
     for kind in ("partition", "block_metrics", "sync_diagnostics", "loss", "renders"):
@@ -247,6 +250,8 @@ def test_report_shows_the_seed_ablation_beside_table_5(evaluated_run, tmp_path):
     rows = [{"variant": v, "seeds": 3, **{f"{m}_{s}": 0.5 + i for m in metrics
                                           for s in ("mean", "std")}}
             for i, v in enumerate(("single", "shared", "momentum", "control"))]
+    for i, row in enumerate(rows):  # single has no sync: no cost
+        row.update(sync_cost_db_mean=float("nan") if i == 0 else -0.25 * i, sync_cost_db_std=0.1)
     summary = tmp_path / "summary.csv"
     pd.DataFrame(rows).to_csv(summary, index=False)
     out = tmp_path / "report"
@@ -255,6 +260,7 @@ def test_report_shows_the_seed_ablation_beside_table_5(evaluated_run, tmp_path):
     table = pd.read_csv(out / "seed_ablation.csv")
     assert list(table["variant"]) == ["single", "shared", "momentum", "control"]
     assert table.loc[0, "PSNR"] == "0.50 ± 0.50"
+    assert pd.isna(table.loc[0, "sync cost (dB)"]) and table.loc[2, "sync cost (dB)"] == "-0.50 ± 0.10"
     assert table.loc[0, "paper PSNR"] == pytest.approx(22.25)  # Table 5 (a)
     assert table.loc[2, "paper Table 5 row"] == "(e) + momentum self-distillation"
     assert pd.isna(table.loc[3, "paper PSNR"])  # the control has no paper row

@@ -110,6 +110,9 @@ def test_teacher_and_sync_trigger_block_reruns_only_when_they_change_something()
     ema = dict(defaults, teacher="global-ema")
     assert stage_keys("blocks", dict(scene, momentum=ema)) != \
         stage_keys("blocks", dict(scene, momentum=dict(ema, teacher_sync_momentum=0.9)))
+    shared = dict(defaults, mode="shared")  # no teacher in this mode: the key shapes nothing
+    assert stage_keys("blocks", dict(scene, momentum=dict(shared, teacher="global-ema"))) == \
+        stage_keys("blocks", dict(scene, momentum=shared))
 
 
 def test_a_block_request_counts_its_cameras_and_its_last_checkpoint(tmp_path, monkeypatch):

@@ -4,11 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mgs.blocks import _block_trainer, init_blocks, sync_round, train_block
+from mgs.blocks import init_blocks, sync_round, train_block
+from mgs.blocks.round import _block_trainer
 from mgs.errors import InputError
 from mgs.model import Decoder, DecoderInputs, apply_decoder
 from mgs.momentum import MomentumConfig, next_teacher
-from mgs.sync_fit import decoder_outputs, fit_shared_decoder, output_distance
+from mgs.blocks.fit import decoder_outputs, fit_shared_decoder, output_distance
 from mgs.train import consistency_loss
 
 from test_blocks import make_run

@@ -37,10 +37,14 @@ def _section(scene: dict, name: str, drop=()) -> dict:
 
 def _inert_momentum_keys(momentum: dict) -> tuple[str, ...]:
     """Keys that shape nothing at their values: the per-step teacher and averaging sync of
-    runs made before `teacher` and `sync` existed keep their digests, so nothing reruns."""
+    runs made before `teacher` and `sync` existed keep their digests, so nothing reruns; the
+    teacher's keys in modes without a teacher."""
     inert = {"teacher": "step", "sync": "average"}
     keys = [k for k, value in inert.items() if momentum.get(k, value) == value]
-    if momentum.get("teacher") != "global-ema":
+    has_teacher = momentum.get("mode", "full") in ("momentum", "full")
+    if not has_teacher and "teacher" not in keys:  # no teacher in this mode: nothing to shape
+        keys.append("teacher")
+    if not has_teacher or momentum.get("teacher") != "global-ema":
         keys.append("teacher_sync_momentum")
     return tuple(keys)
 

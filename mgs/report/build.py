@@ -47,6 +47,7 @@ RESULTS_COLUMNS = ["run", "mode", "views", "factor", *COLUMNS.values(), "FPS",
                    "peak memory (MB)", "anchors", "device"]
 PAPER_COLUMNS = ["scene", "source", "method", "PSNR", "SSIM", "LPIPS-VGG", "PSNR raw"]
 ABLATION_COLUMNS = ["run", "mode", "PSNR", "SSIM", "LPIPS-VGG", "PSNR raw", "SSIM raw",
+                    "sync cost (dB)",
                     "paper Table 5 row", "paper PSNR", "paper SSIM", "paper LPIPS"]
 BLOCKS_COLUMNS = ["run", "block", "train cameras", "validation cameras", "anchors", "final PSNR",
                   "final SSIM", "weight"]
@@ -188,12 +189,21 @@ def ablation_table(runs: list[RunInfo], paper: pd.DataFrame) -> pd.DataFrame:
             rows.append({"run": run.id, "mode": run.mode, "PSNR": m.get("psnr_cc"),
                          "SSIM": m.get("ssim_cc"), "LPIPS-VGG": m.get("lpips_vgg_cc"),
                          "PSNR raw": m.get("psnr"), "SSIM raw": m.get("ssim"),
+                         "sync cost (dB)": mean_sync_cost(run.root),
                          "paper Table 5 row": None if paper_row is None else
                          PAPER_ABLATION[run.mode],
                          "paper PSNR": math.nan if paper_row is None else paper_row["psnr"],
                          "paper SSIM": math.nan if paper_row is None else paper_row["ssim"],
                          "paper LPIPS": math.nan if paper_row is None else paper_row["lpips"]})
     return pd.DataFrame(rows, columns=ABLATION_COLUMNS)
+
+
+def mean_sync_cost(root: Path) -> float:
+    """The mean over blocks and rounds ≥ 2 of `previous_sync_cost` in rounds/*/sync.tsv: what
+    loading a sync's decoder costs a block's validation PSNR (NaN without syncs)."""
+    frames = [pd.read_csv(p, sep="\t") for p in sorted(Path(root).glob("rounds/*/sync.tsv"))]
+    costs = pd.concat(frames)["previous_sync_cost"] if frames else pd.Series(dtype=float)
+    return float(costs.mean()) if costs.notna().any() else math.nan
 
 
 def seed_ablation_table(summary: str | Path, paper: pd.DataFrame) -> pd.DataFrame:
@@ -214,6 +224,9 @@ def seed_ablation_table(summary: str | Path, paper: pd.DataFrame) -> pd.DataFram
                      "PSNR": cell("psnr_cc", ".2f"), "SSIM": cell("ssim_cc", ".3f"),
                      "LPIPS-VGG": cell("lpips_vgg_cc", ".3f"), "PSNR raw": cell("psnr", ".2f"),
                      "SSIM raw": cell("ssim", ".3f"), "LPIPS-VGG raw": cell("lpips_vgg", ".3f"),
+                     # older summaries have no sync cost; independent and single have no sync
+                     "sync cost (dB)": f"{s['sync_cost_db_mean']:+.2f} ± {s['sync_cost_db_std']:.2f}"
+                     if not math.isnan(s.get("sync_cost_db_mean", math.nan)) else None,
                      "paper Table 5 row": paper_row if p is not None else None,
                      "paper PSNR": math.nan if p is None else p["psnr"],
                      "paper SSIM": math.nan if p is None else p["ssim"],
@@ -293,7 +306,9 @@ TABLE_CAPTIONS = {
                 "(Building, 8 blocks).",
     "blocks": "Per block: cameras, anchors and validation PSNR after finalize, last sync weight.",
     "seed_ablation": "benchmarks/ablation.py: every variant at equal steps per block, mean ± std "
-                     "over seeds on its test views, beside the paper's Table 5 (Building).",
+                     "over seeds on its test views, beside the paper's Table 5 (Building). Sync "
+                     "cost: what loading a sync's decoder costs a block's validation PSNR, mean "
+                     "over blocks and rounds ≥ 2.",
 }
 FIGURE_CAPTIONS = {
     "partition": "Partition map: blocks in world space (left) and contracted space (right).",
