@@ -13,7 +13,7 @@ colour-corrected). Variants:
   single              one model on the whole scene (1 block)
   independent         2x2 blocks, each its own decoder
   shared              2x2 blocks, one decoder averaged at every sync
-  momentum            + per-step EMA teacher and consistency loss (λ_c 50)
+  momentum            + teacher and consistency loss (the defaults: per-step teacher, λ_c 0.5)
   full                momentum + block weighting
   control             momentum with λ_c = 0.01: must equal shared within seed noise
 
@@ -28,6 +28,11 @@ diagnostics (consistency share, sync cost, drift) and writes summary.csv for `mg
 
     python benchmarks/ablation.py [--scene city|caliterra] [--work results/ablation]
         [--seeds 0 1 2] [--workers 2] [--variants shared momentum+teacher=global ...]
+
+`--rounds-curve 2 4 8 16`: how often to sync. The variants run at each number of rounds with
+the same steps per block (rounds x iterations_per_round fixed), in WORK/rounds{R}/ (the default
+rounds reuse the main runs); prints test PSNR and sync cost per rounds and writes
+WORK/rounds_curve.csv and .png.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+
+from mgs.momentum import MomentumConfig
 
 VARIANTS = ("single", "independent", "shared", "momentum", "full", "control")
 NAMED = {"control": {"mode": "momentum", "consistency_weight": 0.01}}
@@ -219,6 +226,56 @@ def paired(rows: pd.DataFrame, a: str, b: str, metric: str = "psnr") -> str:
             f" 2×pooled std {2 * pooled:.3f}; same sign in every seed: {same_sign})")
 
 
+def rounds_curve(opts, scene_dir: Path) -> None:
+    """Test PSNR and sync cost vs the number of rounds at equal steps per block."""
+    steps = opts.rounds * opts.iterations_per_round
+    jobs, keys = [], []
+    for rounds in opts.rounds_curve:
+        if steps % rounds:
+            raise SystemExit(f"--rounds-curve {rounds}: {steps} round steps do not split into "
+                             f"{rounds} equal rounds")
+        at = argparse.Namespace(**dict(vars(opts), rounds=rounds,
+                                       iterations_per_round=steps // rounds))
+        folder = opts.work if rounds == opts.rounds else opts.work / f"rounds{rounds}"
+        for v in opts.variants:
+            for s in opts.seeds:
+                jobs.append((f"{v}/{rounds} rounds/seed {s}", folder / v / f"seed{s}", scene_dir,
+                             job_config(v, s, at), variant_settings(v)["mode"] == "single"))
+                keys.append(dict(variant=v, rounds=rounds, iterations_per_round=steps // rounds,
+                                 seed=s))
+    rows = pd.DataFrame([dict(k, **r) for k, r in zip(keys, run_all(jobs, opts.workers))])
+    curve = rows.groupby(["variant", "rounds", "iterations_per_round"], sort=False)[
+        ["psnr", "ssim", "lpips_vgg", "sync_cost_db"]].agg(["mean", "std"])
+    curve.columns = [f"{m}_{s}" for m, s in curve.columns]
+    curve = curve.reset_index()
+    curve.to_csv(opts.work / "rounds_curve.csv", index=False, float_format="%.6g")
+    print(f"\nhow often to sync ({steps} round steps + {opts.final_iterations} final per block,"
+          f" seeds {' '.join(map(str, opts.seeds))}):")
+    print(curve.to_string(index=False, float_format="%.3f"))
+    plot_rounds_curve(curve, opts.work / "rounds_curve.png")
+
+
+def plot_rounds_curve(curve: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for variant, group in curve.groupby("variant", sort=False):
+        for ax, metric in zip(axes, ("psnr", "sync_cost_db")):
+            ax.errorbar(group["rounds"], group[f"{metric}_mean"], yerr=group[f"{metric}_std"],
+                        marker="o", capsize=3, label=variant)
+    for ax, label in zip(axes, ("test PSNR (dB)", "mean sync cost (dB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rounds (syncs) at equal steps per block")
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scene", choices=("city", "caliterra"), default="city")
@@ -236,9 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations-per-round", type=int,
                         help="default 40 (city), 160 (caliterra)")
     parser.add_argument("--final-iterations", type=int, help="default 60 (city), 100 (caliterra)")
-    parser.add_argument("--consistency-weight", type=float, default=50.0)
+    parser.add_argument("--consistency-weight", type=float,
+                        default=MomentumConfig.consistency_weight, help="λ_c (default: mgs's)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="A:B",
                         help="more paired differences to print, variant A minus variant B")
+    parser.add_argument("--rounds-curve", type=int, nargs="+", metavar="R",
+                        help="sync-frequency curve: these numbers of rounds at equal steps")
     parser.add_argument("--sigma", type=float, help="block-weight width: default 1 (city), "
                         "10 (caliterra)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -265,6 +325,9 @@ def main() -> None:
         make_scene(scene_dir)
     else:
         make_caliterra(scene_dir, opts.images, opts.scene_dir)
+    if opts.rounds_curve:
+        rounds_curve(opts, scene_dir)
+        return
     jobs = [(f"{v}/seed {s}", opts.work / v / f"seed{s}", scene_dir, job_config(v, s, opts),
              variant_settings(v)["mode"] == "single") for s in opts.seeds for v in opts.variants]
     results = run_all(jobs, opts.workers)

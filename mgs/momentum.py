@@ -24,7 +24,7 @@ MODES = ("single", "independent", "shared", "momentum", "full")
 #   global-ema  the synced averages blended across syncs, fixed for the round
 TEACHERS = ("step", "global", "global-ema")
 # how sync makes the shared decoder: average the parameters, or fit one decoder to every
-# block's outputs on a sample of that block's decoder inputs (mgs.sync_fit)
+# block's outputs on a sample of that block's decoder inputs (mgs.blocks.fit)
 SYNCS = ("average", "fit")
 
 
@@ -35,7 +35,9 @@ class MomentumConfig:
     iterations_per_round: int = 500
     final_iterations: int = 0  # anchor-only fine-tuning with the decoder frozen at the last average
     momentum: float = 0.9  # teacher <- m·teacher + (1 - m)·student before every step (official)
-    consistency_weight: float = 50.0
+    # λ_c 0.5 with the per-step teacher: what measured best on the real Caliterra capture
+    # (README, "Real capture"); the paper's 50 cost 2 dB there, `global` 0.35 dB
+    consistency_weight: float = 0.5
     teacher: str = "step"  # step | global | global-ema (TEACHERS)
     teacher_sync_momentum: float = 0.5  # global-ema: T <- m_s·T + (1 - m_s)·average at each sync
     sync: str = "average"  # average | fit (SYNCS)
