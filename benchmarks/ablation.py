@@ -162,10 +162,11 @@ def run_job(root: Path, scene_dir: Path, config: dict, single: bool) -> dict:
 
 def diagnostics(root: Path) -> dict:
     """Means over blocks and rounds of the sync diagnostics (rounds/*/sync.tsv)."""
-    frames = [pd.read_csv(p, sep="\t") for p in sorted((root / "rounds").glob("*/sync.tsv"))]
-    if not frames:
+    from mgs.report.figures import read_sync_tables
+
+    sync = read_sync_tables(root)
+    if sync.empty:
         return {}
-    sync = pd.concat(frames)
     last = sync[sync["round"] == sync["round"].max()]
     return {"consistency_share": float(sync["consistency_share"].mean()),
             "sync_cost_db": float(sync["previous_sync_cost"].mean()),

@@ -201,9 +201,8 @@ def ablation_table(runs: list[RunInfo], paper: pd.DataFrame) -> pd.DataFrame:
 def mean_sync_cost(root: Path) -> float:
     """The mean over blocks and rounds ≥ 2 of `previous_sync_cost` in rounds/*/sync.tsv: what
     loading a sync's decoder costs a block's validation PSNR (NaN without syncs)."""
-    frames = [pd.read_csv(p, sep="\t") for p in sorted(Path(root).glob("rounds/*/sync.tsv"))]
-    costs = pd.concat(frames)["previous_sync_cost"] if frames else pd.Series(dtype=float)
-    return float(costs.mean()) if costs.notna().any() else math.nan
+    costs = figures.read_sync_tables(Path(root)).get("previous_sync_cost")
+    return math.nan if costs is None or costs.isna().all() else float(costs.mean())
 
 
 def seed_ablation_table(summary: str | Path, paper: pd.DataFrame) -> pd.DataFrame:
