@@ -1,15 +1,15 @@
 """splats.ply against the merged model, per spherical-harmonics degree.
 
-For a merged run (RUN/model/decoder.pt) it bakes splats.ply at SH degree 0, 1, 2, 3 into
-WORK (the run is not touched) and renders the test views from each as a 3DGS viewer does (SH
-evaluated per view), beside the merged model itself (`train.appearance_eval`'s latent). Two
-more rows bound what a colour fit can reach: ``centre``, the colour decoded from the training
-cameras' mean centre (the single-colour bake), and ``oracle``, the baked Gaussians coloured per
-test view by the decoder itself (what no fit can beat while opacity and shape stay baked from
-that centre). Prints and writes WORK/sh_export.csv: rows, bytes, seconds to bake, mean test
-PSNR against the ground truth and against the model's render.
+For a merged run (RUN/model/decoder.pt) it bakes splats.ply at SH degree 0, 1, 2, 3 into WORK
+(the run is not touched), each over the training views alone and then refined on the model's
+renders (`--refine-steps`, the merge's default), and renders the test views from each as a 3DGS
+viewer does (SH evaluated per view), beside the merged model itself (`train.appearance_eval`'s
+latent). Two more rows bound what one viewpoint gives: ``centre``, everything decoded from the
+training cameras' mean centre (one colour per Gaussian), and ``oracle``, those Gaussians coloured
+per test view by the decoder itself. Prints and writes WORK/sh_export.csv: Gaussians, bytes,
+seconds to bake, mean test PSNR against the ground truth and against the model's render.
 
-    python benchmarks/sh_export.py RUN [--work WORK] [--degrees 0 1 2 3]
+    python benchmarks/sh_export.py RUN [--work WORK] [--degrees 0 1 2 3] [--refine-steps N]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from mgs.blocks import Run
+from mgs.config import EXPORT_REFINE_STEPS
 from mgs.merge import (_latents, export_splats, load_model, read_splats, render_model,
                        render_splats)
 from mgs.metrics import psnr
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--work", default=None, help="folder for the PLYs (default RUN/sh_export)")
     parser.add_argument("--degrees", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--refine-steps", type=int, default=EXPORT_REFINE_STEPS,
+                        help="each degree baked alone and then refined for this many steps")
     args = parser.parse_args()
     run = Run.open(args.run)
     work = Path(args.work or Path(args.run) / "sh_export")
@@ -83,7 +86,8 @@ def main() -> None:
                                splats["opacities"], colors, **view).image
             to_gt.append(float(psnr(image.clamp(0, 1), gt)))
             to_model.append(float(psnr(image.clamp(0, 1), native)))
-        rows.append({"ply": name, "bytes": path.stat().st_size, "bake_seconds": seconds,
+        rows.append({"ply": name, "gaussians": len(splats["means"]),
+                     "bytes": path.stat().st_size, "bake_seconds": seconds,
                      "psnr_gt": np.mean(to_gt), "psnr_model": np.mean(to_model)})
         print(rows[-1], flush=True)
 
@@ -93,12 +97,13 @@ def main() -> None:
     measure("oracle", work / "centre.ply", float("nan"),
             lambda camera: oracle_colors(model, centre, camera))
     for degree in args.degrees:
-        path = work / f"sh{degree}.ply"
-        start = time.perf_counter()
-        export_splats(model, path, centre, train, degree)
-        measure(f"sh{degree}", path, time.perf_counter() - start)
+        for steps in dict.fromkeys([0, args.refine_steps]):
+            name = f"sh{degree}" + (f"+refine{steps}" if steps else "")
+            start = time.perf_counter()
+            export_splats(model, work / f"{name}.ply", centre, train, degree, refine_steps=steps,
+                          background=background)
+            measure(name, work / f"{name}.ply", time.perf_counter() - start)
     table = pd.DataFrame(rows)
-    table.insert(0, "gaussians", len(read_splats(work / "centre.ply")["means"]))
     table.to_csv(work / "sh_export.csv", index=False, float_format="%.4f")
     print(table.to_string(index=False))
 

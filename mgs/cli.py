@@ -25,7 +25,7 @@ from mgs.atomic import json_text, refuse_overlap
 from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, run_inputs
 from mgs.config import check_config, yaml_section
 from mgs.configure import add_parser as add_configure
-from mgs.errors import MgsError
+from mgs.errors import InputError, MgsError
 from mgs.export import add_parser as add_export
 from mgs.gsplat_build import add_parser as add_gsplat_build
 from mgs.plan.show import add_parser as add_plan
@@ -185,7 +185,10 @@ def _add_block_verbs(sub) -> None:
         ("--out", dict(help="model folder (default RUN/model)")),
         ("--sh-degree", dict(type=int, choices=range(4), default=None,
                              help="spherical-harmonics degree of splats.ply's colours, fitted to "
-                                  "the decoder over the training views (default 1)")))
+                                  "the decoder over the training views (default 1)")),
+        ("--refine-steps", dict(type=int, default=None,
+                                help="steps fitting splats.ply to the model's renders of the "
+                                     "training views after the bake (default 600; 0: bake only)")))
 
 
 def _open_run(args):
@@ -219,13 +222,17 @@ def _run_finalize(args) -> None:
 
 
 def _run_merge(args) -> None:
+    from mgs.bake import REFINE_STEPS
     from mgs.merge import merge_blocks
     from mgs.sh import DEFAULT_SH_DEGREE
 
     run = _open_run(args)
     out = args.out or run.root / "model"
     refuse_overlap(out, run_inputs(run.root, args.config), "model folder", ("run folder",))
-    merge_blocks(run, out, DEFAULT_SH_DEGREE if args.sh_degree is None else args.sh_degree)
+    if args.refine_steps is not None and args.refine_steps < 0:
+        raise InputError(f"--refine-steps must be 0 or more, got {args.refine_steps}")
+    merge_blocks(run, out, DEFAULT_SH_DEGREE if args.sh_degree is None else args.sh_degree,
+                 REFINE_STEPS if args.refine_steps is None else args.refine_steps)
 
 
 def _add_partition(sub) -> None:

@@ -19,6 +19,9 @@ from mgs.errors import InputError
 from mgs.validate import check_section
 
 APPEARANCE_RULES = ("nearest", "mean")  # latent of a view without its own (mgs.appearance)
+# steps fitting splats.ply to the model's renders after the bake (mgs.bake.refine); here, not
+# there, because the workflow's job sizes (mgs.plan, no torch) count them too
+EXPORT_REFINE_STEPS = 600
 
 
 @dataclass

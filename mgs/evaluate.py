@@ -37,7 +37,7 @@ from mgs.color_correct import color_correct
 from mgs.device import resolve_device
 from mgs.errors import InputError
 from mgs.lpips import get_lpips, lpips
-from mgs.merge import MergedModel, load_model, render_model
+from mgs.merge import MergedModel, load_model, model_to, render_model
 from mgs.metrics import psnr, ssim
 from mgs.render.gsplat_backend import choose_backend
 from mgs.scene import load_image
@@ -123,13 +123,6 @@ def evaluate_run(run_dir: str | Path, config_path: str | Path | None = None,
              means["lpips_vgg"], means["psnr_cc"], means["ssim_cc"], means["lpips_vgg_cc"],
              timing["fps"])
     return metrics
-
-
-def model_to(model: MergedModel, device: torch.device) -> MergedModel:
-    if device.type == "cpu":
-        return model
-    return MergedModel(model.anchors.to(device), model.anchor_block.to(device),
-                       [d.to(device) for d in model.decoders], model.appearance)
 
 
 def _appearance_record(model: MergedModel, rule: str) -> dict:

@@ -105,8 +105,7 @@ def compare_renders(run_dir: Path, reference: dict, decoded: dict) -> dict:
 
     from mgs.blocks import Run
     from mgs.device import resolve_device
-    from mgs.evaluate import model_to
-    from mgs.merge import load_model, render_model, render_splats
+    from mgs.merge import load_model, model_to, render_model, render_splats
     from mgs.metrics import psnr
     from mgs.render import render
     from mgs.scene import load_image

@@ -3,10 +3,11 @@
 Each block keeps only the anchors inside its own cells (half-open, so every anchor lands in
 exactly one block); the decoder is the last student average (or one decoder per block in the
 `independent` ablation mode). Exports: `anchors.ply` (Scaffold-GS property layout),
-`decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians: which Gaussians
-exist, their opacity, shape and rotation as seen from the training cameras' mean centre, their
-colour as spherical harmonics (`f_dc_*`, `f_rest_*`, degree `sh_degree`) fitted to the decoder's
-colours from the training cameras (mgs.sh). With appearance latents, decoder.pt also carries the
+`decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians baked over the
+training views (mgs.bake: which Gaussians exist, their opacity, shape and rotation as those views
+see them on average, colour as spherical harmonics `f_dc_*`, `f_rest_*` of degree `sh_degree`
+fitted to the decoder's colours), then refined on the model's renders of those views. With
+appearance latents, decoder.pt also carries the
 table (the last sync's per-image average, or one table per block when blocks keep their own
 decoders) with the training cameras' names and centres, and splats.ply bakes the mean latent in.
 """
@@ -25,11 +26,13 @@ from plyfile import PlyData, PlyElement
 from mgs.appearance import AppearanceImages, choose_row, latent_for
 from mgs.atomic import atomic_path, ensure_writable_dir
 from mgs.checkpoint import load_checkpoint, save_checkpoint
+from mgs.device import resolve_device
 from mgs.errors import InputError
-from mgs.model import (INIT_OPACITY, Anchors, Decoder, camera_center, decode, decode_attributes,
-                       neural_gaussians)
+from mgs.model import INIT_OPACITY, Anchors, Decoder, camera_center, decode
 from mgs.render import render
-from mgs.sh import DEFAULT_SH_DEGREE, SH_C0, FitCameras, bake_sh, check_degree, sh_colors
+from mgs.bake import (MIN_OPACITY, REFINE_STEPS, BakedGaussians, bake_at_center, bake_gaussians,
+                      refine)
+from mgs.sh import DEFAULT_SH_DEGREE, SH_C0, FitCameras, check_degree, sh_colors
 
 log = logging.getLogger("mgs.merge")
 
@@ -64,7 +67,8 @@ class MergedModel:
                  decoder) for i, decoder in enumerate(self.decoders)]
 
 
-def merge_blocks(run, out_dir: str | Path, sh_degree: int = DEFAULT_SH_DEGREE) -> MergedModel:
+def merge_blocks(run, out_dir: str | Path, sh_degree: int = DEFAULT_SH_DEGREE,
+                 refine_steps: int = REFINE_STEPS) -> MergedModel:
     """Crop each finalized block to its own cells and concatenate (see module docstring)."""
     partition = run.partition()
     n = len(partition.blocks)
@@ -76,7 +80,8 @@ def merge_blocks(run, out_dir: str | Path, sh_degree: int = DEFAULT_SH_DEGREE) -
         own = torch.as_tensor(partition.block_of_points(tensors["xyz"].numpy()) == b)
         for key in parts:
             parts[key].append(tensors[key][own])
-        anchor_block.append(torch.full((int(own.sum()),), b if not run.momentum.shares_decoder else 0))
+        decoder_index = 0 if run.momentum.shares_decoder else b
+        anchor_block.append(torch.full((int(own.sum()),), decoder_index))
         decoders.append(state["decoder"])
         tables.append(state.get("appearance"))
         log.info("block %d: kept %d of %d anchors inside its cells", b, int(own.sum()), len(own))
@@ -96,7 +101,10 @@ def merge_blocks(run, out_dir: str | Path, sh_degree: int = DEFAULT_SH_DEGREE) -
     write_anchor_ply(model.anchors, out_dir / "anchors.ply")
     cameras = [c.scaled(run.train.resolution) for c in run.scene().train_cameras()]
     center = torch.as_tensor(np.mean([c.center for c in cameras], axis=0), dtype=torch.float32)
-    count = export_splats(model, out_dir / "splats.ply", center, cameras, sh_degree)
+    device = resolve_device(run.train.device) if refine_steps > 0 else torch.device("cpu")
+    count = export_splats(model, out_dir / "splats.ply", center, cameras, sh_degree,
+                          refine_steps=refine_steps, background=run.train.background,
+                          device=device)
     log.info("merged %d anchors from %d blocks; %d Gaussians in splats.ply (SH degree %d)",
              model.anchors.count, n, count, sh_degree)
     return model
@@ -106,6 +114,13 @@ def _decoder_from_state(state: dict, config) -> Decoder:
     decoder = Decoder(config.feat_dim, config.n_offsets, appearance_dim=config.appearance_dim)
     decoder.load_state_dict(state)
     return decoder.requires_grad_(False)
+
+
+def model_to(model: MergedModel, device: torch.device) -> MergedModel:
+    if device.type == "cpu":
+        return model
+    return MergedModel(model.anchors.to(device), model.anchor_block.to(device),
+                       [d.to(device) for d in model.decoders], model.appearance)
 
 
 def save_model(model: MergedModel, path: Path) -> None:
@@ -210,42 +225,55 @@ def read_anchor_ply(path: str | Path) -> Anchors:
 
 @torch.no_grad()
 def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor, cameras=None,
-                  sh_degree: int = 0) -> int:
-    """Decode every anchor once, as seen from `view_center`, and write a 3DGS PLY. Colours: with
-    `cameras` (the training cameras), SH of degree `sh_degree` fitted to the decoder's colours
-    from them; without, the colour seen from `view_center` (degree 0). Returns the number of
-    Gaussians written."""
+                  sh_degree: int = 0, min_opacity: float = MIN_OPACITY, refine_steps: int = 0,
+                  background=None, device: str | torch.device = "cpu") -> int:
+    """Bake the model into static Gaussians and write a 3DGS PLY. With `cameras` (the training
+    cameras): which Gaussians exist, their opacity, shape and rotation as those views see them on
+    average and SH of degree `sh_degree` fitted to their colours, then `refine_steps` steps of
+    fitting them to the model's renders of those views on `background`, on `device` (mgs.bake);
+    without, everything as seen from `view_center` (degree 0). Returns the number of Gaussians
+    written."""
     check_degree(sh_degree)
     if cameras is None and sh_degree:
         raise ValueError("a view-dependent export needs the training cameras to fit on")
     fit = FitCameras(cameras) if cameras is not None else None
-    gaussians, coefficients = [], []
-    for (anchors, decoder), latent in zip(model.groups(), _latents(model, None)):
-        everything = torch.ones(anchors.count, dtype=torch.bool)
-        attrs = decode_attributes(decoder, anchors, everything, view_center, latent)
-        gaussians.append(neural_gaussians(anchors, everything, attrs))
-        if fit is None:
-            coefficients.append(((gaussians[-1].colors - 0.5) / SH_C0)[:, None])
-        else:
-            coefficients.append(bake_sh(decoder, anchors, gaussians[-1].selected, latent, fit,
-                                        sh_degree))
-    means = torch.cat([g.means for g in gaussians])
-    opacity = torch.cat([g.opacities for g in gaussians]).clamp(1e-6, 1 - 1e-6)
-    sh = torch.cat(coefficients)  # (N, K, 3)
-    scales = torch.cat([g.scales for g in gaussians]).clamp_min(1e-12)
-    quats = torch.cat([g.quats for g in gaussians])
-    n = means.shape[0]
-    columns = {"x": means[:, 0], "y": means[:, 1], "z": means[:, 2],
+    parts = [bake_at_center(decoder, anchors, latent, view_center) if fit is None else
+             bake_gaussians(decoder, anchors, latent, fit, sh_degree, min_opacity)
+             for (anchors, decoder), latent in zip(model.groups(), _latents(model, None))]
+    baked = BakedGaussians.cat(parts, sh_degree)
+    if fit is not None and refine_steps > 0:
+        device = torch.device(device)
+        background = torch.as_tensor([0.0, 0.0, 0.0] if background is None else background,
+                                     dtype=torch.float32, device=device)
+        on_device = model_to(model, device)
+        views = [dict(viewmat=torch.as_tensor(c.world_to_camera, dtype=torch.float32,
+                                              device=device),
+                      K=torch.as_tensor(c.K, dtype=torch.float32, device=device), width=c.width,
+                      height=c.height) for c in cameras]
+        baked = refine(baked.to(device), cameras,
+                       lambda i: render_model(on_device, background=background,
+                                              **views[i]).image.clamp(0, 1),
+                       background, refine_steps)
+    write_splats(baked.to("cpu"), path)
+    return len(baked.means)
+
+
+def write_splats(g: BakedGaussians, path: Path) -> None:
+    """The 3DGS PLY layout: position, normal (zero), SH (f_dc, f_rest channel-major), opacity
+    logit, log scales, rotation wxyz."""
+    n = len(g.means)
+    sh = g.sh
+    opacity = g.opacities.clamp(1e-6, 1 - 1e-6)
+    columns = {"x": g.means[:, 0], "y": g.means[:, 1], "z": g.means[:, 2],
                "nx": torch.zeros(n), "ny": torch.zeros(n), "nz": torch.zeros(n)}
     columns.update({f"f_dc_{i}": sh[:, 0, i] for i in range(3)})
     # f_rest channel-major (all R coefficients, then G, then B), as the 3DGS PLY layout
     rest = sh[:, 1:].transpose(1, 2).reshape(n, -1)
     columns.update({f"f_rest_{i}": rest[:, i] for i in range(rest.shape[1])})
     columns["opacity"] = torch.log(opacity / (1 - opacity))
-    columns.update({f"scale_{i}": torch.log(scales[:, i]) for i in range(3)})
-    columns.update({f"rot_{i}": quats[:, i] for i in range(4)})
+    columns.update({f"scale_{i}": torch.log(g.scales[:, i].clamp_min(1e-12)) for i in range(3)})
+    columns.update({f"rot_{i}": g.quats[:, i] for i in range(4)})
     _write_ply(columns, path)
-    return n
 
 
 def read_splats(path: str | Path) -> dict[str, torch.Tensor]:

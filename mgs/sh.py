@@ -2,9 +2,9 @@
 
 The decoder's colour depends on the direction from which an anchor is seen; a standard 3DGS
 viewer evaluates a colour per Gaussian as ``clamp(SH(d)·c + 0.5, 0)`` with ``d`` the unit
-direction from the camera centre to the Gaussian. `bake_sh` fits ``c`` per Gaussian by weighted
-least squares to the decoder's colours from the training cameras' directions, so that viewers show
-what the model shows from the views it was trained on.
+direction from the camera centre to the Gaussian. mgs.bake fits ``c`` per Gaussian by weighted
+least squares to the decoder's colours from the training cameras' directions (`views_of` picks
+them), so that viewers show what the model shows from the views it was trained on.
 
 Basis and constants: the ones of the 3DGS reference rasterizer (and gsplat), degree ≤ 3, so a
 PLY written with them renders the same in every viewer of that family.
@@ -116,7 +116,7 @@ def _in_frame(xyz: torch.Tensor, cameras: "FitCameras") -> torch.Tensor:
     return (depth > 0) & (pixels >= -0.1 * size).all(-1) & (pixels <= 1.1 * size).all(-1)
 
 
-def _views_of(xyz: torch.Tensor, cameras: "FitCameras", max_views: int):
+def views_of(xyz: torch.Tensor, cameras: "FitCameras", max_views: int):
     """Per anchor: the indices (A, M) of the cameras to fit on and their weights (A, M): cameras
     whose frame holds the anchor first (weight 1), nearest first; then the nearest others."""
     inside = _in_frame(xyz, cameras)
@@ -143,42 +143,6 @@ class FitCameras:
     @property
     def count(self) -> int:
         return len(self.centers)
-
-
-@torch.no_grad()
-def bake_sh(decoder, anchors, selected: torch.Tensor, latent, cameras: FitCameras, degree: int,
-            ridge: float = DEFAULT_RIDGE, max_views: int = MAX_VIEWS,
-            chunk_floats: int = FIT_CHUNK_FLOATS) -> torch.Tensor:
-    """SH coefficients (S, (degree+1)², 3) of the Gaussians `selected` (bool over anchors × k,
-    anchor-major: the order neural_gaussians keeps) fitted to the decoder's colours as each
-    training camera sees their anchor. Anchors in chunks, so memory stays bounded."""
-    k, count = decoder.n_offsets, coefficient_count(check_degree(degree))
-    views_per_anchor = min(max_views, cameras.count)
-    step = max(1, chunk_floats // (k * views_per_anchor * (count + 6)))
-    parts = []
-    for start in range(0, anchors.count, step):
-        end = min(start + step, anchors.count)
-        keep = selected[start * k:end * k]
-        if not keep.any():
-            continue
-        xyz, features = anchors.xyz[start:end], anchors.features[start:end]
-        views, weights = _views_of(xyz, cameras, views_per_anchor)  # (A, M)
-        centers = cameras.centers[views]  # (A, M, 3)
-        view_dir = xyz[:, None] - centers
-        view_dir = view_dir / view_dir.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        z = torch.cat([features[:, None].expand(-1, views.shape[1], -1), view_dir], dim=-1)
-        color = decoder(z.reshape(-1, z.shape[-1]), latent)[2]  # (A·M, 3k)
-        color = color.reshape(end - start, -1, k, 3).transpose(1, 2).reshape(-1, views.shape[1], 3)
-        offsets = anchors.offsets[start:end] * torch.exp(anchors.scaling[start:end, None, :3])
-        means = (xyz[:, None] + offsets).reshape(-1, 3)  # (A·k, 3)
-        gaussian_centers = centers.repeat_interleave(k, dim=0)  # (A·k, M, 3)
-        dirs = means[:, None] - gaussian_centers
-        dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        parts.append(fit_sh(dirs[keep], color[keep], weights.repeat_interleave(k, dim=0)[keep],
-                            degree, ridge))
-    if not parts:
-        return torch.zeros(0, count, 3)
-    return torch.cat(parts)
 
 
 def mean_view_colors(sh: torch.Tensor, means: torch.Tensor, cameras: FitCameras,

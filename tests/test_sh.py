@@ -1,5 +1,6 @@
-"""Spherical-harmonics colour of splats.ply: the fit (batched vs reference, exact recovery) and a
-view-dependent model whose PLY renders closer to the model with SH than with one colour."""
+"""splats.ply from a view-dependent model: the SH colour fit (batched vs reference, exact recovery),
+the bake over the training views (opacity, shape and colour) and its refinement on the model's
+renders, each closer to the model than what it replaces."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from mgs.metrics import psnr
 from mgs.model import Anchors, Decoder
 from mgs.render.reference import look_at_viewmat
 from mgs.scene import Camera
-from mgs.sh import (SH_C0, FitCameras, bake_sh, coefficient_count, fit_sh, fit_sh_reference,
-                    sh_basis, sh_colors)
+from mgs.bake import bake_at_center, bake_gaussians, refine
+from mgs.sh import (SH_C0, FitCameras, coefficient_count, fit_sh, fit_sh_reference, sh_basis,
+                    sh_colors)
 
 
 def unit_dirs(shape, seed):
@@ -106,17 +108,88 @@ def test_sh_bake_renders_closer_to_the_model_than_one_colour(tmp_path):
 
 
 def test_bake_is_the_same_in_any_chunking():
-    model = view_dependent_model(seed=1)
+    model = flickering_model(seed=1)
     anchors, decoder = model.anchors, model.decoders[0]
-    selected = torch.rand(anchors.count * decoder.n_offsets,
-                          generator=torch.Generator().manual_seed(0)) > 0.3
     cameras = FitCameras(ring_cameras(10, radius=3.0, height=1.5))
-    whole = bake_sh(decoder, anchors, selected, None, cameras, 2)
-    chunked = bake_sh(decoder, anchors, selected, None, cameras, 2, chunk_floats=3000)
-    few_views = bake_sh(decoder, anchors, selected, None, cameras, 2, max_views=4)
-    assert whole.shape == (int(selected.sum()), 9, 3)
-    assert torch.allclose(whole, chunked, atol=1e-6)
-    assert not torch.allclose(whole, few_views, atol=1e-3)  # the view budget is real
+    whole = bake_gaussians(decoder, anchors, None, cameras, 2)
+    chunked = bake_gaussians(decoder, anchors, None, cameras, 2, chunk_floats=3000)
+    few_views = bake_gaussians(decoder, anchors, None, cameras, 2, max_views=4)
+    assert whole.sh.shape == (len(whole.means), 9, 3)
+    for name in ("means", "opacities", "scales", "quats", "sh"):
+        assert torch.allclose(getattr(whole, name), getattr(chunked, name), atol=1e-5), name
+    assert (len(few_views.means) != len(whole.means)
+            or not torch.allclose(whole.opacities, few_views.opacities, atol=1e-3))  # real budget
+
+
+def test_a_view_independent_shape_bakes_to_itself():
+    """Opacity and shape that no view changes: the bake over the views keeps exactly them."""
+    model = view_dependent_model(seed=3)
+    anchors, decoder = model.anchors, model.decoders[0]
+    cameras = FitCameras(ring_cameras(12, radius=3.0, height=1.5))
+    baked = bake_gaussians(decoder, anchors, None, cameras, 1)
+    center = bake_at_center(decoder, anchors, None, torch.tensor([0.0, 0.0, 3.0]))
+    assert len(baked.means) == len(center.means) == anchors.count * decoder.n_offsets
+    assert torch.allclose(baked.opacities, torch.full_like(baked.opacities, float(np.tanh(2.0))))
+    assert torch.allclose(baked.means, center.means)
+    assert torch.allclose(baked.scales, center.scales, rtol=1e-5)
+    assert torch.allclose(baked.quats, center.quats, atol=1e-5)
+
+
+def flickering_model(seed=0):
+    """view_dependent_model, but opacity and shape swing with the view too: Gaussians appear
+    and vanish between views, as Scaffold-GS's do."""
+    model = view_dependent_model(seed)
+    decoder, feat = model.decoders[0], model.anchors.features.shape[1]
+    torch.manual_seed(seed + 100)
+    decoder.opacity_mlp[2].weight.normal_(0.0, 0.5)
+    decoder.opacity_mlp[2].bias.fill_(0.3)
+    decoder.opacity_mlp[0].weight[:, feat:] *= 4
+    decoder.cov_mlp[0].weight[:, feat:].normal_(0.0, 0.5)
+    return model
+
+
+def _psnr_to_model(model, splats, cameras):
+    values = []
+    for camera in cameras:
+        view = dict(viewmat=torch.tensor(camera.world_to_camera, dtype=torch.float32),
+                    K=torch.tensor(camera.K, dtype=torch.float32), width=camera.width,
+                    height=camera.height)
+        values.append(float(psnr(render_splats(splats, **view).image.clamp(0, 1),
+                                 render_model(model, **view).image.clamp(0, 1))))
+    return float(np.mean(values))
+
+
+def test_bake_over_the_views_and_refinement_each_come_closer_to_the_model(tmp_path):
+    model = flickering_model()
+    train = ring_cameras(24, radius=3.0, height=1.5)
+    test = ring_cameras(5, radius=3.0, height=1.5, phase=0.37)
+    center = torch.as_tensor(np.mean([c.center for c in train], axis=0), dtype=torch.float32)
+    scores = {}
+    for name, kwargs in {"centre": {}, "bake": dict(cameras=train, sh_degree=1),
+                         "refined": dict(cameras=train, sh_degree=1, refine_steps=60)}.items():
+        export_splats(model, tmp_path / f"{name}.ply", center, **kwargs)
+        scores[name] = _psnr_to_model(model, read_splats(tmp_path / f"{name}.ply"), test)
+    assert scores["bake"] > scores["centre"] + 1.0, scores
+    assert scores["refined"] > scores["bake"] + 0.2, scores
+
+
+def test_refinement_is_deterministic_and_zero_steps_change_nothing():
+    model = flickering_model(seed=4)
+    cameras = ring_cameras(8, radius=3.0, height=1.5)
+    baked = bake_gaussians(model.decoders[0], model.anchors, None, FitCameras(cameras), 1)
+    background = torch.zeros(3)
+
+    def target(i):
+        c = cameras[i]
+        return render_model(model, torch.tensor(c.world_to_camera, dtype=torch.float32),
+                            torch.tensor(c.K, dtype=torch.float32), c.width, c.height).image
+
+    first, second = (refine(baked, cameras, target, background, steps=10, progress=False)
+                     for _ in range(2))
+    for name in ("means", "opacities", "scales", "quats", "sh"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert not torch.equal(first.sh, baked.sh[:len(first.sh)]) or len(first.sh) != len(baked.sh)
+    assert refine(baked, cameras, target, background, steps=0) is baked
 
 
 def test_ply_columns_follow_the_3dgs_layout(tmp_path):

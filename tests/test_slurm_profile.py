@@ -20,8 +20,8 @@ from test_workflow import copy_workflow, snakemake
 submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
 slurm_utils = pytest.importorskip("snakemake_executor_plugin_slurm.utils")
 
-GPU_RULES = {"gsplat_build", "train_block", "finalize_block", "evaluate", "export", "coarse",
-             "partition_ssim"}
+GPU_RULES = {"gsplat_build", "train_block", "finalize_block", "evaluate", "export", "merge",
+             "coarse", "partition_ssim"}
 
 
 class _Resources(dict):

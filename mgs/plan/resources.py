@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from mgs.config import EXPORT_REFINE_STEPS
 from mgs.plan.layout import LOGS, read_json, round_state, run_file, run_log
 
 # rule -> what its job holds
@@ -115,8 +116,13 @@ def _job_size(kind: str, scene: dict, name: str, inputs, block, round, cameras):
         images = 2 * cameras * mpx * IMAGE_MB_PER_MPX  # ground truth and renders
         # renders, timing repeats and LPIPS per test view
         return 6000 + images + 3 * model, 4000 + 2 * model + RENDER_MB_PER_MPX * mpx, 20 * cameras
-    if kind == "merge":  # every block's anchors at once; crop, concatenate, export: minutes
-        return 4000 + 3 * file_mb(inputs), 0, 600
+    if kind == "merge":  # every block's anchors at once; crop, concatenate, bake, refine
+        cameras, _ = scene_counts(name)
+        model = file_mb(inputs)
+        images = cameras * mpx * IMAGE_MB_PER_MPX * 2  # the model's renders, kept as float16
+        # a decode and render per training view, then the refinement's steps
+        return (4000 + 3 * model + images, 2000 + 3 * model + images + RENDER_MB_PER_MPX * mpx,
+                cameras + EXPORT_REFINE_STEPS)
     raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
 
 

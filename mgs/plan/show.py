@@ -52,7 +52,7 @@ def plan_rows(config: dict, scenes) -> list[dict]:
         add("train_block", m["rounds"] * len(blocks), 1, block=last, round=m["rounds"])
         if m["final_iterations"]:
             add("finalize_block", len(blocks), 1, block=last)
-        add("merge", 1, 0, inputs=[layout.final_block(name, b, m["rounds"], m["final_iterations"])
+        add("merge", 1, 1, inputs=[layout.final_block(name, b, m["rounds"], m["final_iterations"])
                                    for b in blocks])
         model = [layout.run_file("splats", name)]
         add("evaluate", 1, 1, inputs=model)

@@ -1,5 +1,5 @@
-# The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply,
-# and its compressed export.
+# The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply (baked
+# and refined on the model's renders of the training views: a GPU job), and its compressed export.
 # Its blocks are final/ (after finalize) or the last round's when final_iterations is 0.
 
 
@@ -18,8 +18,11 @@ rule merge:
     conda:
         "../../envs/mgs.yaml"
     resources:
+        gpu=gpu("merge"),
         mem_mb=mem_mb("merge"),
         runtime=runtime("merge"),
+        constraint=constraint("merge"),
+        gpu_model=gpu_model,
     params:
         run=subpath(input.config, parent=True),
         settings=stage_trigger("final"),
