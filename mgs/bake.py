@@ -186,7 +186,7 @@ def refine(g: BakedGaussians, cameras: list, target: Callable[[int], torch.Tenso
     with torch.no_grad():
         opacity = torch.sigmoid(params["opacity"])
         keep = opacity > MIN_OPACITY
-        refined = BakedGaussians(params["means"][keep].detach(), opacity[keep],
+        refined = BakedGaussians(params["means"][keep], opacity[keep],
                                  torch.exp(params["scales"][keep]),
                                  nn.functional.normalize(params["quats"][keep], dim=1),
                                  torch.cat([params["sh_dc"], params["sh_rest"]], 1)[keep])
