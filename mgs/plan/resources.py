@@ -119,7 +119,8 @@ def _job_size(kind: str, scene: dict, name: str, inputs, block, round, cameras):
     if kind == "merge":  # every block's anchors at once; crop, concatenate, bake, refine
         cameras, _ = scene_counts(name)
         model = file_mb(inputs)
-        images = cameras * mpx * IMAGE_MB_PER_MPX * 2  # the model's renders, kept as float16
+        # the model's renders of the views a step has drawn, kept as float16
+        images = min(cameras, EXPORT_REFINE_STEPS) * mpx * IMAGE_MB_PER_MPX * 2
         # a decode and render per training view, then the refinement's steps
         return (4000 + 3 * model + images, 2000 + 3 * model + images + RENDER_MB_PER_MPX * mpx,
                 cameras + EXPORT_REFINE_STEPS)
