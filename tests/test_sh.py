@@ -83,6 +83,19 @@ def view_dependent_model(seed=0):
     return MergedModel(anchors, torch.zeros(n, dtype=torch.long), [decoder])
 
 
+def _psnr_to_model(model, splats, cameras):
+    values = []
+    for camera in cameras:
+        view = dict(viewmat=torch.tensor(camera.world_to_camera, dtype=torch.float32),
+                    K=torch.tensor(camera.K, dtype=torch.float32), width=camera.width,
+                    height=camera.height)
+        ours = render_model(model, **view).image
+        assert ours.std() > 0.02  # not an empty render
+        values.append(float(psnr(render_splats(splats, **view).image.clamp(0, 1),
+                                 ours.clamp(0, 1))))
+    return float(np.mean(values))
+
+
 def test_sh_bake_renders_closer_to_the_model_than_one_colour(tmp_path):
     model = view_dependent_model()
     train = ring_cameras(24, radius=3.0, height=1.5)
@@ -94,16 +107,7 @@ def test_sh_bake_renders_closer_to_the_model_than_one_colour(tmp_path):
         count = export_splats(model, path, center, train, degree)
         splats = read_splats(path)
         assert splats["sh"].shape == (count, coefficient_count(degree), 3)
-        values = []
-        for camera in test:
-            view = dict(viewmat=torch.tensor(camera.world_to_camera, dtype=torch.float32),
-                        K=torch.tensor(camera.K, dtype=torch.float32), width=camera.width,
-                        height=camera.height)
-            ours = render_model(model, **view).image
-            assert ours.std() > 0.02  # not an empty render
-            values.append(float(psnr(render_splats(splats, **view).image.clamp(0, 1),
-                                     ours.clamp(0, 1))))
-        scores[degree] = np.mean(values)
+        scores[degree] = _psnr_to_model(model, splats, test)
     assert scores[3] > scores[0] + 3.0, scores
 
 
@@ -146,17 +150,6 @@ def flickering_model(seed=0):
     decoder.opacity_mlp[0].weight[:, feat:] *= 4
     decoder.cov_mlp[0].weight[:, feat:].normal_(0.0, 0.5)
     return model
-
-
-def _psnr_to_model(model, splats, cameras):
-    values = []
-    for camera in cameras:
-        view = dict(viewmat=torch.tensor(camera.world_to_camera, dtype=torch.float32),
-                    K=torch.tensor(camera.K, dtype=torch.float32), width=camera.width,
-                    height=camera.height)
-        values.append(float(psnr(render_splats(splats, **view).image.clamp(0, 1),
-                                 render_model(model, **view).image.clamp(0, 1))))
-    return float(np.mean(values))
 
 
 def test_bake_over_the_views_and_refinement_each_come_closer_to_the_model(tmp_path):
