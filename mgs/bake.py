@@ -141,11 +141,12 @@ def bake_at_center(decoder: Decoder, anchors: Anchors, latent, center: torch.Ten
     return BakedGaussians(g.means, g.opacities, g.scales, g.quats, sh)
 
 
-def refine(g: BakedGaussians, cameras: list, target: Callable[[int], torch.Tensor],
+def refine(g: BakedGaussians, cameras: list, target: Callable[[dict], torch.Tensor],
            background: torch.Tensor, steps: int = REFINE_STEPS, lr_scale: float = REFINE_LR_SCALE,
            seed: int = 0, progress: bool = True) -> BakedGaussians:
-    """Fit `g` for `steps` Adam steps to `target(i)`, the model's render (H, W, 3) of the training
-    camera `cameras[i]` (mgs.scene.Camera), by the L1 difference of the renders; views in a seeded
+    """Fit `g` for `steps` Adam steps to `target(view)`, the model's render (H, W, 3) of a training
+    camera of `cameras` (mgs.scene.Camera) given as render() arguments (viewmat, K, width, height
+    on g's device), by the L1 difference of the renders; views in a seeded
     random order, each rendered target kept (as float16) once asked for. Gaussians whose opacity
     falls below MIN_OPACITY are left out of the result."""
     if steps <= 0 or not len(g.means):
@@ -175,7 +176,7 @@ def refine(g: BakedGaussians, cameras: list, target: Callable[[int], torch.Tenso
         i = order.pop()
         if i not in cache:
             with torch.no_grad():
-                cache[i] = target(i).to(device, torch.float16)
+                cache[i] = target(views[i]).to(device, torch.float16)
         with torch.enable_grad():  # callers bake under no_grad
             loss = (_render(params, views[i], background) - cache[i].float()).abs().mean()
             optimizer.zero_grad(set_to_none=True)

@@ -7,9 +7,9 @@ exactly one block); the decoder is the last student average (or one decoder per 
 training views (mgs.bake: which Gaussians exist, their opacity, shape and rotation as those views
 see them on average, colour as spherical harmonics `f_dc_*`, `f_rest_*` of degree `sh_degree`
 fitted to the decoder's colours), then refined on the model's renders of those views. With
-appearance latents, decoder.pt also carries the
-table (the last sync's per-image average, or one table per block when blocks keep their own
-decoders) with the training cameras' names and centres, and splats.ply bakes the mean latent in.
+appearance latents, decoder.pt also carries the table (the last sync's per-image average, or one
+table per block when blocks keep their own decoders) with the training cameras' names and centres,
+and splats.ply bakes the mean latent in.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from plyfile import PlyData, PlyElement
 
 from mgs.appearance import AppearanceImages, choose_row, latent_for
 from mgs.atomic import atomic_path, ensure_writable_dir
+from mgs.bake import (MIN_OPACITY, REFINE_STEPS, BakedGaussians, bake_at_center, bake_gaussians,
+                      refine)
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.device import resolve_device
 from mgs.errors import InputError
 from mgs.model import INIT_OPACITY, Anchors, Decoder, camera_center, decode
 from mgs.render import render
-from mgs.bake import (MIN_OPACITY, REFINE_STEPS, BakedGaussians, bake_at_center, bake_gaussians,
-                      refine)
 from mgs.sh import DEFAULT_SH_DEGREE, SH_C0, FitCameras, check_degree, sh_colors
 
 log = logging.getLogger("mgs.merge")
@@ -246,13 +246,9 @@ def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor, cam
         background = torch.as_tensor([0.0, 0.0, 0.0] if background is None else background,
                                      dtype=torch.float32, device=device)
         on_device = model_to(model, device)
-        views = [dict(viewmat=torch.as_tensor(c.world_to_camera, dtype=torch.float32,
-                                              device=device),
-                      K=torch.as_tensor(c.K, dtype=torch.float32, device=device), width=c.width,
-                      height=c.height) for c in cameras]
         baked = refine(baked.to(device), cameras,
-                       lambda i: render_model(on_device, background=background,
-                                              **views[i]).image.clamp(0, 1),
+                       lambda view: render_model(on_device, background=background,
+                                                 **view).image.clamp(0, 1),
                        background, refine_steps)
     write_splats(baked.to("cpu"), path)
     return len(baked.means)

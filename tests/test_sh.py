@@ -172,10 +172,8 @@ def test_refinement_is_deterministic_and_zero_steps_change_nothing():
     baked = bake_gaussians(model.decoders[0], model.anchors, None, FitCameras(cameras), 1)
     background = torch.zeros(3)
 
-    def target(i):
-        c = cameras[i]
-        return render_model(model, torch.tensor(c.world_to_camera, dtype=torch.float32),
-                            torch.tensor(c.K, dtype=torch.float32), c.width, c.height).image
+    def target(view):
+        return render_model(model, **view).image
 
     first, second = (refine(baked, cameras, target, background, steps=10, progress=False)
                      for _ in range(2))
