@@ -185,10 +185,12 @@ def _add_block_verbs(sub) -> None:
         ("--out", dict(help="model folder (default RUN/model)")),
         ("--sh-degree", dict(type=int, choices=range(4), default=None,
                              help="spherical-harmonics degree of splats.ply's colours, fitted to "
-                                  "the decoder over the training views (default 1)")),
+                                  "the decoder over the training views (default: the run "
+                                  "config's export.sh_degree, 1)")),
         ("--refine-steps", dict(type=int, default=None,
                                 help="steps fitting splats.ply to the model's renders of the "
-                                     "training views after the bake (default 600; 0: bake only)")))
+                                     "training views after the bake (default: the run config's "
+                                     "export.refine_steps, 600; 0: bake only)")))
 
 
 def _open_run(args):
@@ -222,17 +224,14 @@ def _run_finalize(args) -> None:
 
 
 def _run_merge(args) -> None:
-    from mgs.bake import REFINE_STEPS
     from mgs.merge import merge_blocks
-    from mgs.sh import DEFAULT_SH_DEGREE
 
     run = _open_run(args)
     out = args.out or run.root / "model"
     refuse_overlap(out, run_inputs(run.root, args.config), "model folder", ("run folder",))
     if args.refine_steps is not None and args.refine_steps < 0:
         raise InputError(f"--refine-steps must be 0 or more, got {args.refine_steps}")
-    merge_blocks(run, out, DEFAULT_SH_DEGREE if args.sh_degree is None else args.sh_degree,
-                 REFINE_STEPS if args.refine_steps is None else args.refine_steps)
+    merge_blocks(run, out, args.sh_degree, args.refine_steps)
 
 
 def _add_partition(sub) -> None:

@@ -1,6 +1,6 @@
 """`mgs configure`: a run folder's flat config.yaml from one scene of the workflow config.
 
-Every section (scene, synthetic, sfm, partition, train, momentum, paper) is merged over the
+Every section (scene, synthetic, sfm, partition, train, momentum, export, paper) is merged over the
 defaults and checked as the verb that reads it would check it, so a bad value fails here, before
 any job runs. The file is left untouched when its content would not change.
 """
@@ -21,8 +21,8 @@ log = logging.getLogger("mgs.configure")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("configure", help="write a run folder's flat config.yaml (sections scene, "
-                                         "synthetic, sfm, partition, train, momentum, paper) "
-                                         "from one scene of the workflow config")
+                                         "synthetic, sfm, partition, train, momentum, export, "
+                                         "paper) from one scene of the workflow config")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--settings",
                         help="the scene's settings as JSON (what the workflow passes)")
@@ -39,7 +39,7 @@ SCENE_KEYS = ("name", "source", "path", "resolution", "up", "coarse_iterations")
 
 def _flat_config(settings: dict, source: str) -> dict:
     """Every section merged over the dataclass defaults and checked like the verbs check it."""
-    from mgs.config import TrainConfig
+    from mgs.config import ExportConfig, TrainConfig
     from mgs.ingest.sfm import SfmConfig
     from mgs.momentum import MomentumConfig
     from mgs.partition import PartitionConfig
@@ -53,7 +53,7 @@ def _flat_config(settings: dict, source: str) -> dict:
     if unknown:
         raise MgsError(f"{source}: unknown scene key(s) {', '.join(unknown)}; known: "
                        f"{', '.join(SCENE_KEYS)}, "
-                       "synthetic, sfm, partition, train, momentum, paper")
+                       "synthetic, sfm, partition, train, momentum, export, paper")
     settings.update(check_section(settings, "scene", source))
     for name, cls in (("synthetic", SyntheticConfig), ("sfm", SfmConfig)):
         config = cls(**check_config(cls, sections[name], name, source))
@@ -64,6 +64,7 @@ def _flat_config(settings: dict, source: str) -> dict:
     sections["train"] = TrainConfig.from_dict(sections["train"], source=source).to_dict()
     sections["momentum"] = dataclasses.asdict(MomentumConfig.from_dict(sections["momentum"],
                                                                        source=source))
+    sections["export"] = ExportConfig.from_dict(sections["export"], source=source).to_dict()
     return {"scene": settings, **sections, "paper": paper}
 
 

@@ -25,14 +25,13 @@ from plyfile import PlyData, PlyElement
 
 from mgs.appearance import AppearanceImages, choose_row, latent_for
 from mgs.atomic import atomic_path, ensure_writable_dir
-from mgs.bake import (MIN_OPACITY, REFINE_STEPS, BakedGaussians, bake_at_center, bake_gaussians,
-                      refine)
+from mgs.bake import MIN_OPACITY, BakedGaussians, bake_at_center, bake_gaussians, refine
 from mgs.checkpoint import load_checkpoint, save_checkpoint
 from mgs.device import resolve_device
 from mgs.errors import InputError
 from mgs.model import INIT_OPACITY, Anchors, Decoder, camera_center, decode
 from mgs.render import render
-from mgs.sh import DEFAULT_SH_DEGREE, SH_C0, FitCameras, check_degree, sh_colors
+from mgs.sh import SH_C0, FitCameras, check_degree, sh_colors
 
 log = logging.getLogger("mgs.merge")
 
@@ -67,9 +66,12 @@ class MergedModel:
                  decoder) for i, decoder in enumerate(self.decoders)]
 
 
-def merge_blocks(run, out_dir: str | Path, sh_degree: int = DEFAULT_SH_DEGREE,
-                 refine_steps: int = REFINE_STEPS) -> MergedModel:
-    """Crop each finalized block to its own cells and concatenate (see module docstring)."""
+def merge_blocks(run, out_dir: str | Path, sh_degree: int | None = None,
+                 refine_steps: int | None = None) -> MergedModel:
+    """Crop each finalized block to its own cells and concatenate (see module docstring).
+    `sh_degree` and `refine_steps` of splats.ply: None = the run's `export` settings."""
+    sh_degree = run.export.sh_degree if sh_degree is None else sh_degree
+    refine_steps = run.export.refine_steps if refine_steps is None else refine_steps
     partition = run.partition()
     n = len(partition.blocks)
     parts: dict[str, list[torch.Tensor]] = {"xyz": [], "features": [], "offsets": [], "scaling": []}

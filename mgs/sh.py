@@ -28,7 +28,6 @@ SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.092548
 SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
          -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
 MAX_DEGREE = 3
-DEFAULT_SH_DEGREE = 1  # 2 and 3 add < 0.02 dB for 1.6-2.4x the bytes (README)
 DEFAULT_RIDGE = 1e-3
 MAX_VIEWS = 64  # directions per Gaussian: the nearest cameras that see its anchor first
 OUT_OF_VIEW_WEIGHT = 1e-2  # cameras whose frame misses the anchor still anchor a smooth fit

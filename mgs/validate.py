@@ -63,10 +63,11 @@ SPECS: dict[str, dict[str, str]] = {
         "ssim_scale": "float [0, inf)", "warmup_rounds": "int [0, inf)",
         "metric_ema": "float [0, 1)", "keep_rounds": "int [0, inf)", "teacher": "str",
         "teacher_sync_momentum": "float [0, 1)", "sync": "str"},
+    "export": {"sh_degree": "int [0, 3]", "refine_steps": "int [0, inf)"},
 }
 # words a number key also takes (the dataclass gives them their meaning)
 WORDS: dict[tuple[str, str], tuple[str, ...]] = {("partition", "margin"): ("all",)}
-SECTIONS = ("synthetic", "sfm", "partition", "train", "momentum")
+SECTIONS = ("synthetic", "sfm", "partition", "train", "momentum", "export")
 _SPEC = re.compile(r"^(int|float|bool|str)(\?)?(?:\[(\d+)\])?"
                    r"(?: ([\[(])(-?[\d.]+|-inf), (-?[\d.]+|inf)([\])]))?$")
 _INF_WORDS = ("inf", ".inf", "infinity")

@@ -22,13 +22,14 @@ TRAIN = dict(iterations=40, lr_max_steps=20, voxel_size=0.05, start_stat=2, upda
              threads=2)
 MOMENTUM = dict(mode="full", rounds=2, iterations_per_round=10, final_iterations=5,
                 consistency_weight=50.0, teacher="step", sigma=1.0, keep_rounds=0)  # the official teacher
+EXPORT = dict(sh_degree=2, refine_steps=20)  # not the defaults: merge must read them
 
 
 def make_run(root, tiny_scene, margin=0.25, **momentum):
     root.mkdir(parents=True, exist_ok=True)
     (root / "scene").symlink_to(tiny_scene)
     (root / "config.yaml").write_text(yaml.safe_dump(
-        {"train": TRAIN, "momentum": {**MOMENTUM, **momentum}}))
+        {"train": TRAIN, "momentum": {**MOMENTUM, **momentum}, "export": EXPORT}))
     partition_scene(root / "scene", root / "partition",
                     PartitionConfig(block_dim=[2, 1, 1], assignment="center", min_cameras=2,
                                     margin=margin))
@@ -130,6 +131,8 @@ def test_merge_keeps_each_anchor_exactly_once(trained_run):
     ply = read_anchor_ply(run.root / "model" / "anchors.ply")
     assert torch.allclose(ply.offsets, model.anchors.offsets)
     assert torch.allclose(ply.features, model.anchors.features)
+    # splats.ply as the run config's export section says: SH degree 2, (2 + 1)² coefficients
+    assert read_splats(run.root / "model" / "splats.ply")["sh"].shape[1:] == (9, 3)
 
 
 def test_splats_ply_re_renders_like_the_model(trained_run):

@@ -115,6 +115,18 @@ def test_teacher_and_sync_trigger_block_reruns_only_when_they_change_something()
         stage_keys("blocks", dict(scene, momentum=shared))
 
 
+def test_export_settings_rerun_the_merge_alone_and_default_ones_nothing():
+    momentum = {"mode": "full", "rounds": 4, "final_iterations": 0}
+    scene = {"source": "images", "resolution": 1, "up": None, "train": {}, "momentum": momentum}
+    before = stage_keys("merge", scene)  # a run made before the export section existed
+    assert before == stage_keys("final", scene)
+    assert stage_keys("merge", dict(scene, export={"sh_degree": 1, "refine_steps": 600})) == before
+    for changed in ({"sh_degree": 2}, {"refine_steps": 0}):
+        fewer = dict(scene, export={"sh_degree": 1, "refine_steps": 600, **changed})
+        assert stage_keys("merge", fewer) != before
+        assert stage_keys("final", fewer) == stage_keys("final", scene)  # blocks stay
+
+
 def test_a_block_request_counts_its_cameras_and_its_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scene = {"source": "synthetic", "resolution": 1, "synthetic": {"width": 1000, "height": 1000},

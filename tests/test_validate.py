@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mgs.config import TrainConfig
+from mgs.config import ExportConfig, TrainConfig
 from mgs.errors import InputError
 from mgs.momentum import MomentumConfig
 from mgs.partition import PartitionConfig
@@ -20,7 +20,7 @@ from mgs.validate import SPECS, check_scene, check_value, parse_spec
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 CLASSES = {"synthetic": SyntheticConfig, "sfm": SfmConfig, "partition": PartitionConfig,
-           "train": TrainConfig, "momentum": MomentumConfig}
+           "train": TrainConfig, "momentum": MomentumConfig, "export": ExportConfig}
 # keys whose shape the schema states with anyOf/enum: checked by the dataclass itself
 FREE_FORM = {("partition", "aabb"), ("partition", "margin")}
 

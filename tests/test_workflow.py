@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from mgs.checkpoint import load_checkpoint
-from mgs.config import TrainConfig
+from mgs.config import ExportConfig, TrainConfig
 from mgs.momentum import MomentumConfig
 from mgs.partition import PartitionConfig
 from mgs.ingest.sfm import SfmConfig
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 WORKFLOW_FILES = ("workflow", "config", "profiles", "envs", "slurm", ".test")
 SECTIONS = {"synthetic": SyntheticConfig, "sfm": SfmConfig, "partition": PartitionConfig,
-            "train": TrainConfig, "momentum": MomentumConfig}
+            "train": TrainConfig, "momentum": MomentumConfig, "export": ExportConfig}
 SCENE = "ci"
 RUN = Path("results") / SCENE
 
@@ -393,6 +393,25 @@ def test_a_rerun_of_the_last_round_without_finalize_rebuilds_sync_then_merge(ci_
     assert all(torch.equal(student[k], decoder[k]) for k in student)
     result = snakemake(ci_copy, "--dry-run", f"--configfile={no_final}", target)
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_new_export_section_reruns_the_merge_and_no_block(ci_copy):
+    from mgs.merge import read_splats
+
+    run = ci_copy / RUN
+    blocks = snapshot(run, "rounds/**/*") | snapshot(run, "final/*")
+    degree0 = ci_copy / "config" / "degree0.yaml"
+    config = yaml.safe_load((ci_copy / "config" / "ci.yaml").read_text())
+    config["scenes"][SCENE]["export"] = {"sh_degree": 0, "refine_steps": 0}
+    degree0.write_text(yaml.safe_dump(config))
+    target = str(RUN / "model" / "splats.ply")
+    snakemake(ci_copy, "--cores", "1", f"--configfile={degree0}", str(RUN / "config.yaml"))
+    jobs = planned_jobs(ci_copy, f"--configfile={degree0}", target)
+    assert [j["rule"] for j in jobs] == ["merge"]
+    snakemake(ci_copy, "--cores", "2", f"--configfile={degree0}", target)
+    assert read_splats(run / "model" / "splats.ply")["sh"].shape[1] == 1  # degree 0: f_dc only
+    assert snapshot(run, "rounds/**/*") | snapshot(run, "final/*") == blocks
 
 
 @pytest.mark.slow

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mgs.appearance import AppearanceImages
 from mgs.checkpoint import load_checkpoint, save_checkpoint
-from mgs.config import TrainConfig, yaml_section
+from mgs.config import ExportConfig, TrainConfig, yaml_section
 from mgs.errors import InputError
 from mgs.model import Anchors, Decoder, initial_log_scale, voxelize
 from mgs.momentum import MomentumConfig
@@ -31,6 +31,7 @@ class Run:
     root: Path
     train: TrainConfig
     momentum: MomentumConfig
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @classmethod
     def open(cls, root: str | Path, config_path: str | Path | None = None) -> "Run":
@@ -42,7 +43,9 @@ class Run:
         train = TrainConfig.from_dict(yaml_section(config_path, "train"), source=str(config_path))
         momentum = MomentumConfig.from_dict(yaml_section(config_path, "momentum"),
                                             source=str(config_path))
-        return cls(root, train, momentum)
+        export = ExportConfig.from_dict(yaml_section(config_path, "export"),
+                                        source=str(config_path))
+        return cls(root, train, momentum, export)
 
     @property
     def config_hash(self) -> str:

@@ -9,6 +9,9 @@ import json
 import os
 from pathlib import Path
 
+from mgs.config import ExportConfig
+
+EXPORT_DEFAULTS = ExportConfig().to_dict()
 # keys that change how fast a job runs, not what it writes: never a reason to rerun
 COMPUTE_KEYS = {
     "train": ("device", "backend", "threads", "checkpoint_interval"),
@@ -69,7 +72,11 @@ def stage_keys(stage: str, scene: dict) -> dict:
     if stage == "blocks":  # init, train_block, sync: rounds may grow without a rerun
         return blocks
     m = scene["momentum"]
-    return dict(blocks, rounds=m["rounds"], final_iterations=m["final_iterations"])
+    final = dict(blocks, rounds=m["rounds"], final_iterations=m["final_iterations"])
+    if stage == "merge":  # the export's keys only where they differ: older runs keep the digest
+        export = {k: v for k, v in scene.get("export", {}).items() if EXPORT_DEFAULTS.get(k) != v}
+        return dict(final, export=export) if export else final
+    return final
 
 
 def configure_settings(scene: dict, name: str, coarse: str | None = None) -> str:

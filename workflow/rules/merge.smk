@@ -1,5 +1,6 @@
 # The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply (baked
-# and refined on the model's renders of the training views: a GPU job), and its compressed export.
+# and refined on the model's renders of the training views as the `export:` section says: a GPU
+# job), and its compressed export.
 # Its blocks are final/ (after finalize) or the last round's when final_iterations is 0.
 
 
@@ -25,7 +26,7 @@ rule merge:
         gpu_model=gpu_model,
     params:
         run=subpath(input.config, parent=True),
-        settings=stage_trigger("final"),
+        settings=stage_trigger("merge"),
     shell:
         "mgs merge --run {params.run} > {log} 2>&1"
 
