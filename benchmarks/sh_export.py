@@ -2,7 +2,8 @@
 
 For a merged run (RUN/model/decoder.pt) it bakes splats.ply at SH degree 0, 1, 2, 3 into WORK
 (the run is not touched), each over the training views alone and then refined on the model's
-renders (`--refine-steps`, the merge's default), and renders the test views from each as a 3DGS
+renders (`--refine-steps`, the merge's default; `--photo-weight` blends the training photos into
+those targets, as `export.photo_weight`), and renders the test views from each as a 3DGS
 viewer does (SH evaluated per view), beside the merged model itself (`train.appearance_eval`'s
 latent). Two more rows bound what one viewpoint gives: ``centre``, everything decoded from the
 training cameras' mean centre (one colour per Gaussian), and ``oracle``, those Gaussians coloured
@@ -10,6 +11,7 @@ per test view by the decoder itself. Prints and writes WORK/sh_export.csv: Gauss
 seconds to bake, mean test PSNR against the ground truth and against the model's render.
 
     python benchmarks/sh_export.py RUN [--work WORK] [--degrees 0 1 2 3] [--refine-steps N]
+                                       [--photo-weight W]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pandas as pd
 import torch
 
 from mgs.blocks import Run
-from mgs.config import EXPORT_REFINE_STEPS
+from mgs.config import EXPORT_REFINE_STEPS, ExportConfig
 from mgs.merge import (_latents, export_splats, load_model, read_splats, render_model,
                        render_splats)
 from mgs.metrics import psnr
@@ -52,13 +54,17 @@ def main() -> None:
     parser.add_argument("--degrees", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--refine-steps", type=int, default=EXPORT_REFINE_STEPS,
                         help="each degree baked alone and then refined for this many steps")
+    parser.add_argument("--photo-weight", type=float, default=ExportConfig().photo_weight,
+                        help="what the refinement fits: 1 the training photos, 0 the model's "
+                             "renders, between a blend (default: the merge's)")
     args = parser.parse_args()
     run = Run.open(args.run)
     work = Path(args.work or Path(args.run) / "sh_export")
     work.mkdir(parents=True, exist_ok=True)
     scene, factor = run.scene(), run.train.resolution
     model = load_model(Path(args.run) / "model" / "decoder.pt")
-    train = [c.scaled(factor) for c in scene.train_cameras()]
+    originals = scene.train_cameras()
+    train = [c.scaled(factor) for c in originals]
     centre = torch.as_tensor(np.mean([c.center for c in train], axis=0), dtype=torch.float32)
     background = torch.tensor(run.train.background, dtype=torch.float32)
     views = []
@@ -99,9 +105,13 @@ def main() -> None:
     for degree in args.degrees:
         for steps in dict.fromkeys([0, args.refine_steps]):
             name = f"sh{degree}" + (f"+refine{steps}" if steps else "")
+            if steps and args.photo_weight != 1:
+                name += f"+photos{args.photo_weight:g}"
             start = time.perf_counter()
             export_splats(model, work / f"{name}.ply", centre, train, degree, refine_steps=steps,
-                          background=background)
+                          background=background, photo_weight=args.photo_weight,
+                          photos=lambda i: load_image(originals[i], factor, scene.scene_dir,
+                                                      background.tolist()))
             measure(name, work / f"{name}.ply", time.perf_counter() - start)
     table = pd.DataFrame(rows)
     table.to_csv(work / "sh_export.csv", index=False, float_format="%.4f")

@@ -25,7 +25,7 @@ from mgs.atomic import json_text, refuse_overlap
 from mgs.cli_support import apply_overrides, bool_arg, count_arg, run_command, run_inputs
 from mgs.config import check_config, yaml_section
 from mgs.configure import add_parser as add_configure
-from mgs.errors import InputError, MgsError
+from mgs.errors import MgsError
 from mgs.export import add_parser as add_export
 from mgs.gsplat_build import add_parser as add_gsplat_build
 from mgs.plan.show import add_parser as add_plan
@@ -188,9 +188,13 @@ def _add_block_verbs(sub) -> None:
                                   "the decoder over the training views (default: the run "
                                   "config's export.sh_degree, 1)")),
         ("--refine-steps", dict(type=int, default=None,
-                                help="steps fitting splats.ply to the model's renders of the "
-                                     "training views after the bake (default: the run config's "
-                                     "export.refine_steps, 600; 0: bake only)")))
+                                help="steps fitting splats.ply to the training views after "
+                                     "the bake (default: the run config's "
+                                     "export.refine_steps, 600; 0: bake only)")),
+        ("--photo-weight", dict(type=float, default=None,
+                                help="what the refinement fits: 1 the training photos, 0 the "
+                                     "model's renders, between a blend (default: the run "
+                                     "config's export.photo_weight, 1)")))
 
 
 def _open_run(args):
@@ -229,9 +233,9 @@ def _run_merge(args) -> None:
     run = _open_run(args)
     out = args.out or run.root / "model"
     refuse_overlap(out, run_inputs(run.root, args.config), "model folder", ("run folder",))
-    if args.refine_steps is not None and args.refine_steps < 0:
-        raise InputError(f"--refine-steps must be 0 or more, got {args.refine_steps}")
-    merge_blocks(run, out, args.sh_degree, args.refine_steps)
+    export = {}  # the flags given, each checked like its config key
+    apply_overrides(export, args, ("refine_steps", "photo_weight"), "export")
+    merge_blocks(run, out, args.sh_degree, export.get("refine_steps"), export.get("photo_weight"))
 
 
 def _add_partition(sub) -> None:

@@ -19,7 +19,7 @@ from mgs.errors import InputError
 from mgs.validate import check_section
 
 APPEARANCE_RULES = ("nearest", "mean")  # latent of a view without its own (mgs.appearance)
-# steps fitting splats.ply to the model's renders after the bake (mgs.bake.refine); here, not
+# steps fitting splats.ply to the training views after the bake (mgs.bake.refine); here, not
 # there, because the workflow's job sizes (mgs.plan, no torch) count them too
 EXPORT_REFINE_STEPS = 600
 DEFAULT_SH_DEGREE = 1  # 2 and 3 add < 0.02 dB for 1.6-2.4x the bytes (README)
@@ -115,7 +115,10 @@ class TrainConfig:
 class ExportConfig:
     """How `mgs merge` writes splats.ply (the run config's `export:` section)."""
     sh_degree: int = DEFAULT_SH_DEGREE  # colour as spherical harmonics of this degree, 0 to 3
-    refine_steps: int = EXPORT_REFINE_STEPS  # fitting the bake to the model's renders; 0 = none
+    refine_steps: int = EXPORT_REFINE_STEPS  # fitting the bake to its targets; 0 = none
+    # the refinement's targets: the training photos (1), the model's renders (0) or a blend;
+    # 1 measured best, above the model itself on Caliterra and the demo (README)
+    photo_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ExportConfig":

@@ -6,10 +6,10 @@ exactly one block); the decoder is the last student average (or one decoder per 
 `decoder.pt`, and `splats.ply`, a standard 3DGS PLY of the decoded Gaussians baked over the
 training views (mgs.bake: which Gaussians exist, their opacity, shape and rotation as those views
 see them on average, colour as spherical harmonics `f_dc_*`, `f_rest_*` of degree `sh_degree`
-fitted to the decoder's colours), then refined on the model's renders of those views. With
-appearance latents, decoder.pt also carries the table (the last sync's per-image average, or one
-table per block when blocks keep their own decoders) with the training cameras' names and centres,
-and splats.ply bakes the mean latent in.
+fitted to the decoder's colours), then refined on those views' photos or the model's renders of
+them (`photo_weight`). With appearance latents, decoder.pt also carries the table (the last sync's
+per-image average, or one table per block when blocks keep their own decoders) with the training
+cameras' names and centres, and splats.ply bakes the mean latent in.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from mgs.device import resolve_device
 from mgs.errors import InputError
 from mgs.model import INIT_OPACITY, Anchors, Decoder, camera_center, decode
 from mgs.render import render
+from mgs.scene import load_image
 from mgs.sh import SH_C0, FitCameras, check_degree, sh_colors
 
 log = logging.getLogger("mgs.merge")
@@ -67,11 +68,14 @@ class MergedModel:
 
 
 def merge_blocks(run, out_dir: str | Path, sh_degree: int | None = None,
-                 refine_steps: int | None = None) -> MergedModel:
+                 refine_steps: int | None = None, photo_weight: float | None = None
+                 ) -> MergedModel:
     """Crop each finalized block to its own cells and concatenate (see module docstring).
-    `sh_degree` and `refine_steps` of splats.ply: None = the run's `export` settings."""
+    `sh_degree`, `refine_steps` and `photo_weight` of splats.ply: None = the run's `export`
+    settings (mgs.config.ExportConfig)."""
     sh_degree = run.export.sh_degree if sh_degree is None else sh_degree
     refine_steps = run.export.refine_steps if refine_steps is None else refine_steps
+    photo_weight = run.export.photo_weight if photo_weight is None else photo_weight
     partition = run.partition()
     n = len(partition.blocks)
     parts: dict[str, list[torch.Tensor]] = {"xyz": [], "features": [], "offsets": [], "scaling": []}
@@ -101,14 +105,19 @@ def merge_blocks(run, out_dir: str | Path, sh_degree: int | None = None,
     out_dir = ensure_writable_dir(out_dir)
     save_model(model, out_dir / "decoder.pt")
     write_anchor_ply(model.anchors, out_dir / "anchors.ply")
-    cameras = [c.scaled(run.train.resolution) for c in run.scene().train_cameras()]
+    scene, factor = run.scene(), run.train.resolution
+    originals = scene.train_cameras()
+    cameras = [c.scaled(factor) for c in originals]
     center = torch.as_tensor(np.mean([c.center for c in cameras], axis=0), dtype=torch.float32)
     device = resolve_device(run.train.device) if refine_steps > 0 else torch.device("cpu")
     count = export_splats(model, out_dir / "splats.ply", center, cameras, sh_degree,
                           refine_steps=refine_steps, background=run.train.background,
-                          device=device)
-    log.info("merged %d anchors from %d blocks; %d Gaussians in splats.ply (SH degree %d)",
-             model.anchors.count, n, count, sh_degree)
+                          device=device, photo_weight=photo_weight,
+                          photos=lambda i: load_image(originals[i], factor, scene.scene_dir,
+                                                      run.train.background))
+    log.info("merged %d anchors from %d blocks; %d Gaussians in splats.ply (SH degree %d, "
+             "%d refinement steps, photo weight %g)", model.anchors.count, n, count, sh_degree,
+             refine_steps, photo_weight)
     return model
 
 
@@ -228,16 +237,20 @@ def read_anchor_ply(path: str | Path) -> Anchors:
 @torch.no_grad()
 def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor, cameras=None,
                   sh_degree: int = 0, min_opacity: float = MIN_OPACITY, refine_steps: int = 0,
-                  background=None, device: str | torch.device = "cpu") -> int:
+                  background=None, device: str | torch.device = "cpu", photos=None,
+                  photo_weight: float = 0.0) -> int:
     """Bake the model into static Gaussians and write a 3DGS PLY. With `cameras` (the training
     cameras): which Gaussians exist, their opacity, shape and rotation as those views see them on
     average and SH of degree `sh_degree` fitted to their colours, then `refine_steps` steps of
-    fitting them to the model's renders of those views on `background`, on `device` (mgs.bake);
+    fitting them on `device` (mgs.bake) to the model's renders of those views on `background`
+    blended with `photos(i)`, training photo i, by `photo_weight` (1: the photos alone);
     without, everything as seen from `view_center` (degree 0). Returns the number of Gaussians
     written."""
     check_degree(sh_degree)
     if cameras is None and sh_degree:
         raise ValueError("a view-dependent export needs the training cameras to fit on")
+    if photo_weight and photos is None:
+        raise ValueError("a photo_weight above 0 needs the training photos")
     fit = FitCameras(cameras) if cameras is not None else None
     parts = [bake_at_center(decoder, anchors, latent, view_center) if fit is None else
              bake_gaussians(decoder, anchors, latent, fit, sh_degree, min_opacity)
@@ -247,11 +260,15 @@ def export_splats(model: MergedModel, path: Path, view_center: torch.Tensor, cam
         device = torch.device(device)
         background = torch.as_tensor([0.0, 0.0, 0.0] if background is None else background,
                                      dtype=torch.float32, device=device)
-        on_device = model_to(model, device)
-        baked = refine(baked.to(device), cameras,
-                       lambda view: render_model(on_device, background=background,
-                                                 **view).image.clamp(0, 1),
-                       background, refine_steps)
+        on_device = model_to(model, device) if photo_weight < 1 else None
+
+        def target(i, view):
+            if photo_weight == 1:
+                return photos(i).to(device)
+            image = render_model(on_device, background=background, **view).image.clamp(0, 1)
+            return torch.lerp(image, photos(i).to(device), photo_weight) if photo_weight else image
+
+        baked = refine(baked.to(device), cameras, target, background, refine_steps)
     write_splats(baked.to("cpu"), path)
     return len(baked.means)
 

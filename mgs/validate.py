@@ -63,7 +63,8 @@ SPECS: dict[str, dict[str, str]] = {
         "ssim_scale": "float [0, inf)", "warmup_rounds": "int [0, inf)",
         "metric_ema": "float [0, 1)", "keep_rounds": "int [0, inf)", "teacher": "str",
         "teacher_sync_momentum": "float [0, 1)", "sync": "str"},
-    "export": {"sh_degree": "int [0, 3]", "refine_steps": "int [0, inf)"},
+    "export": {"sh_degree": "int [0, 3]", "refine_steps": "int [0, inf)",
+               "photo_weight": "float [0, 1]"},
 }
 # words a number key also takes (the dataclass gives them their meaning)
 WORDS: dict[tuple[str, str], tuple[str, ...]] = {("partition", "margin"): ("all",)}

@@ -70,7 +70,8 @@ def test_export_of_a_trained_run_renders_like_the_ply(evaluated_run, tmp_path): 
     # decoder barely depends on the view, so the renders still agree to well above 40 dB
     assert row["psnr_export_ply"] > 40
     assert abs(row["psnr_export_gt"] - row["psnr_ply_gt"]) < 0.1
-    assert abs(row["psnr_ply_gt"] - row["psnr_model_gt"]) < 0.1  # the PLY looks like the model
+    # refined on the training photos (export.photo_weight 1): no worse than the model itself
+    assert row["psnr_ply_gt"] > row["psnr_model_gt"] - 0.1
     make_report(None, tmp_path / "report", run_dirs=[root])
     page = (tmp_path / "report" / "report.md").read_text()
     assert "Compressed export" in page and "psnr_export_ply" in page

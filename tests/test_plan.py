@@ -120,11 +120,12 @@ def test_export_settings_rerun_the_merge_alone_and_default_ones_nothing():
     scene = {"source": "images", "resolution": 1, "up": None, "train": {}, "momentum": momentum}
     before = stage_keys("merge", scene)  # a run made before the export section existed
     assert before == stage_keys("final", scene)
-    assert stage_keys("merge", dict(scene, export={"sh_degree": 1, "refine_steps": 600})) == before
-    for changed in ({"sh_degree": 2}, {"refine_steps": 0}):
-        fewer = dict(scene, export={"sh_degree": 1, "refine_steps": 600, **changed})
-        assert stage_keys("merge", fewer) != before
-        assert stage_keys("final", fewer) == stage_keys("final", scene)  # blocks stay
+    defaults = {"sh_degree": 1, "refine_steps": 600, "photo_weight": 1.0}
+    assert stage_keys("merge", dict(scene, export=defaults)) == before
+    for changed in ({"sh_degree": 2}, {"refine_steps": 0}, {"photo_weight": 0.5}):
+        other = dict(scene, export={**defaults, **changed})
+        assert stage_keys("merge", other) != before
+        assert stage_keys("final", other) == stage_keys("final", scene)  # blocks stay
 
 
 def test_a_block_request_counts_its_cameras_and_its_last_checkpoint(tmp_path, monkeypatch):

@@ -120,7 +120,7 @@ def _job_size(kind: str, scene: dict, name: str, inputs, block, round, cameras):
         cameras, _ = scene_counts(name)
         model = file_mb(inputs)
         refine_steps = scene.get("export", {}).get("refine_steps", EXPORT_REFINE_STEPS)
-        # the model's renders of the views a step has drawn, kept as float16
+        # the targets (photos or the model's renders) of the views a step has drawn, as float16
         images = min(cameras, refine_steps) * mpx * IMAGE_MB_PER_MPX * 2
         # a decode and render per training view, then the refinement's steps
         return (4000 + 3 * model + images, 2000 + 3 * model + images + RENDER_MB_PER_MPX * mpx,

@@ -312,7 +312,7 @@ def final_block(wildcards, b):
 
 def merge_input(wildcards):
     """The merged blocks, the partition, the last round's shared decoder (the model's), and
-    gsplat: merge renders (splats.ply is refined on the model's renders)."""
+    gsplat: merge renders (splats.ply is refined on the training views)."""
     return {
         "blocks": [final_block(wildcards, b) for b in block_ids(wildcards)],
         "shared": round_state(wildcards, rounds(wildcards)),

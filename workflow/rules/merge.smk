@@ -1,6 +1,6 @@
-# The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply (baked
-# and refined on the model's renders of the training views as the `export:` section says: a GPU
-# job), and its compressed export.
+# The merged model: blocks cropped to their own cells; anchors.ply, decoder.pt, splats.ply (baked,
+# then refined on the training views as the `export:` section says: a GPU job), and its
+# compressed export.
 # Its blocks are final/ (after finalize) or the last round's when final_iterations is 0.
 
 
