@@ -9,9 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from mgs.config import ExportConfig
-
-EXPORT_DEFAULTS = ExportConfig().to_dict()
+# what merges wrote before the export section existed: those values leave a run's digest as it
+# was (its PLY was made so); anything else, the photo refinement's default included, reruns it
+EXPORT_BEFORE = {"sh_degree": 1, "refine_steps": 600, "photo_weight": 0.0}
 # keys that change how fast a job runs, not what it writes: never a reason to rerun
 COMPUTE_KEYS = {
     "train": ("device", "backend", "threads", "checkpoint_interval"),
@@ -73,8 +73,8 @@ def stage_keys(stage: str, scene: dict) -> dict:
         return blocks
     m = scene["momentum"]
     final = dict(blocks, rounds=m["rounds"], final_iterations=m["final_iterations"])
-    if stage == "merge":  # the export's keys only where they differ: older runs keep the digest
-        export = {k: v for k, v in scene.get("export", {}).items() if EXPORT_DEFAULTS.get(k) != v}
+    if stage == "merge":
+        export = {k: v for k, v in scene.get("export", {}).items() if EXPORT_BEFORE.get(k) != v}
         return dict(final, export=export) if export else final
     return final
 
