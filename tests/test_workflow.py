@@ -473,7 +473,8 @@ def test_configure_writes_a_flat_config_only_when_it_changes(tmp_path):
     assert main(["configure", "--config", str(workflow_config), "--scene", "x",
                  "--out", str(out)]) == 0
     flat = yaml.safe_load(out.read_text())
-    assert set(flat) == {"scene", "synthetic", "sfm", "partition", "train", "momentum", "paper"}
+    assert set(flat) == {"scene", "synthetic", "sfm", "partition", "train", "momentum", "export",
+                         "paper"}
     assert flat["momentum"]["rounds"] == 3 and flat["train"]["feat_dim"] == 32
     assert flat["partition"]["margin"] == float("inf")
     before = out.stat().st_mtime_ns
