@@ -1,9 +1,9 @@
 """splats.ply against the merged model, per spherical-harmonics degree.
 
 For a merged run (RUN/model/decoder.pt) it bakes splats.ply at SH degree 0, 1, 2, 3 into WORK
-(the run is not touched), each over the training views alone and then refined on the model's
-renders (`--refine-steps`, the merge's default; `--photo-weight` blends the training photos into
-those targets, as `export.photo_weight`), and renders the test views from each as a 3DGS
+(the run is not touched), each over the training views alone and then refined (`--refine-steps`,
+the merge's default) on the training photos, the model's renders or a blend (`--photo-weight`,
+as `export.photo_weight`, the merge's default), and renders the test views from each as a 3DGS
 viewer does (SH evaluated per view), beside the merged model itself (`train.appearance_eval`'s
 latent). Two more rows bound what one viewpoint gives: ``centre``, everything decoded from the
 training cameras' mean centre (one colour per Gaussian), and ``oracle``, those Gaussians coloured

@@ -22,7 +22,7 @@ APPEARANCE_RULES = ("nearest", "mean")  # latent of a view without its own (mgs.
 # steps fitting splats.ply to the training views after the bake (mgs.bake.refine); here, not
 # there, because the workflow's job sizes (mgs.plan, no torch) count them too
 EXPORT_REFINE_STEPS = 600
-DEFAULT_SH_DEGREE = 1  # 2 and 3 add < 0.02 dB for 1.6-2.4x the bytes (README)
+DEFAULT_SH_DEGREE = 1  # 2 and 3 add at most 0.1 dB for 1.6-2.4x the bytes (README)
 
 
 @dataclass
