@@ -18,8 +18,9 @@ those views agree on, per Gaussian:
 No static set reproduces a view-dependent model exactly: besides the averages above, the model
 drops every Gaussian of an anchor outside a view's frustum, which a viewer cannot. `refine` closes
 most of what remains by fitting the baked Gaussians (positions, opacity, scale, rotation, SH) for
-a few hundred steps to the model's own renders of the training views (distillation: by default
-the PLY is fitted to the model; mgs.merge can blend the training photos into those targets).
+a few hundred steps to a target image per training view: mgs.merge gives the training photos
+(its default: a short 3DGS fine-tune from the bake), the model's own renders (distillation: the
+PLY then renders like the model) or a blend of the two (`export.photo_weight`).
 
 `bake_at_center` is the single-viewpoint bake (everything decoded from one centre, the selection of
 that view): the PLY without training cameras, and the reference the benchmark compares against.
